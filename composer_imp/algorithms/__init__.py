@@ -1,0 +1,4 @@
+"""Composer algorithms of composer_imp."""
+from composer_imp.algorithms.imp import IMP, FixedStep, SparsityStep
+
+__all__ = ['IMP', 'FixedStep', 'SparsityStep']

@@ -1,0 +1,67 @@
+"""How much IMP prunes after each level. ``FixedStep`` is open_lth's constant fraction; the adaptive step subclasses
+``SparsityStep`` (``composer_imp.algorithms.adaptive_sparsity``)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from composer.core import State
+from composer.loggers import Logger
+
+if TYPE_CHECKING:
+    from composer_imp.algorithms.imp.imp import IMP
+
+__all__ = ['SparsityStep', 'FixedStep']
+
+
+class SparsityStep:
+    """Chooses each level's pruning fraction and may reject a trained level.
+
+    IMP calls, on every rank, at the end of an accepted level L (its trained network in ``state.model``):
+    ``fraction(state, imp, logger)`` -> fraction of the remaining weights to prune for level L+1. After a pruned level
+    has trained, ``accept(state, imp, record, logger)`` -> ``False`` discards it: IMP restores the parent level's mask
+    and trained weights exactly and asks ``fraction`` again. ``decision`` (a JSON-able dict) is written into the next
+    level's metrics line. Decisions must be identical on every rank (all-reduce whatever they depend on).
+    """
+
+    #: IMP keeps the parent level's trained weights (``imp.previous_level_state``) when this is True.
+    needs_previous_level = False
+
+    def __init__(self) -> None:
+        self.decision: dict[str, Any] = {}
+
+    def fraction(self, state: State, imp: 'IMP', logger: Logger) -> float:
+        raise NotImplementedError
+
+    def accept(self, state: State, imp: 'IMP', record: dict[str, Any], logger: Logger) -> bool:
+        return True
+
+    def planned_levels(self, density: float, target_density: float) -> int:
+        """A guess of the levels still to train (sets the Trainer's total duration for its progress bar)."""
+        return 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'decision': self.decision}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decision = state.get('decision', {})
+
+
+class FixedStep(SparsityStep):
+    """Prune the same fraction of the remaining weights after every level."""
+
+    def __init__(self, prune_fraction: float = 0.2) -> None:
+        super().__init__()
+        if not 0.0 < prune_fraction < 1.0:
+            raise ValueError(f'prune_fraction: {prune_fraction} is not allowed; use a fraction in (0, 1)')
+        self.prune_fraction = prune_fraction
+
+    def fraction(self, state: State, imp: 'IMP', logger: Logger) -> float:
+        self.decision = {'fraction': self.prune_fraction}
+        return self.prune_fraction
+
+    def planned_levels(self, density: float, target_density: float) -> int:
+        levels, nominal = 0, density
+        while nominal > target_density * (1 + 1e-9):
+            nominal *= 1 - self.prune_fraction
+            levels += 1
+        return levels

@@ -1,0 +1,77 @@
+"""Evaluating a model inside a running Trainer, from an algorithm or a callback (which hold no Trainer reference).
+
+Shared by IMP (a level's own evaluation when the Trainer's eval did not run at the level's end), the LMC evaluator and
+the adaptive sparsity step. Mirrors ``Trainer._eval_loop``: the evaluators' dataloaders and batch transforms, the
+Trainer's device and precision context, deep copies of the eval metrics (so the Trainer's own metric objects are never
+touched), torchmetrics' cross-rank sync in ``compute()``. The global RNG is forked, because iterating a DataLoader draws
+from it and would otherwise change the training run's data order.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from composer.core import State
+from composer.utils import model_eval_mode
+from composer.core.precision import get_precision_context
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ['unwrap_model', 'evaluate', 'preserve_rng', 'eval_metric_values']
+
+
+def unwrap_model(state: State) -> torch.nn.Module:
+    """The user's model: ``state.model`` without its DDP wrapper (never by stripping a ``module.`` prefix)."""
+    model = state.model
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def preserve_rng(state: State) -> Iterator[None]:
+    """Run a block without consuming the training run's CPU and accelerator random streams."""
+    device = state.device._device if hasattr(state.device, '_device') else torch.device('cpu')
+    devices = [device] if device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def eval_metric_values(state: State) -> dict[str, float]:
+    """The Trainer's latest computed eval metrics as ``{'<label>/<metric>': value}`` (torchmetrics caches ``compute``)."""
+    values = {}
+    for label, metrics in (state.eval_metrics or {}).items():
+        for name, metric in metrics.items():
+            if getattr(metric, '_computed', None) is not None:
+                values[f'{label}/{name}'] = float(metric.compute())
+    return values
+
+
+@torch.no_grad()
+def evaluate(state: State, model: torch.nn.Module | None = None, max_batches: int | None = None) -> dict[str, float]:
+    """Evaluate ``model`` (default: the trained model) on every evaluator of the run.
+
+    Returns ``{'<label>/<metric>': value}``, identical on every rank. ``model`` must be a ComposerModel with the same
+    metrics as the run's model (a probe copy of it, typically).
+    """
+    model = unwrap_model(state) if model is None else model
+    results: dict[str, float] = {}
+    with preserve_rng(state), model_eval_mode(model):
+        for evaluator in state.evaluators:
+            spec = evaluator.dataloader
+            metrics = {name: copy.deepcopy(m) for name, m in state.eval_metrics[evaluator.label].items()}
+            for metric in metrics.values():
+                metric.reset()
+                metric.to(state.device._device if hasattr(state.device, '_device') else 'cpu')
+            limit = max_batches if max_batches is not None else evaluator.subset_num_batches
+            for index, batch in enumerate(spec.dataloader):
+                if limit is not None and limit >= 0 and index >= limit:
+                    break
+                batch = state.device.batch_to_device(spec.batch_transforms(batch))
+                batch = spec.microbatch_transforms(batch)
+                with get_precision_context(state.precision, state.precision_config):
+                    outputs = model.eval_forward(batch)
+                    for metric in metrics.values():
+                        model.update_metric(batch, outputs, metric)
+            for name, metric in metrics.items():
+                results[f'{evaluator.label}/{name}'] = float(metric.compute())
+    return results

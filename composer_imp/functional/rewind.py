@@ -1,0 +1,66 @@
+"""Rewind points: snapshots of a module's full state and of optimizer state, restored in place. Pure torch."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from composer_imp.functional.masks import apply_masks
+
+__all__ = ['snapshot', 'rewind', 'snapshot_optimizer', 'rewind_optimizer']
+
+
+@torch.no_grad()
+def snapshot(model: nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model.state_dict()``: weights, biases, normalization parameters and running statistics.
+
+    Cloned, never aliased: later training cannot change a snapshot (BERT-Tickets#19).
+    """
+    return {name: t.detach().to(device=device, copy=True) for name, t in model.state_dict().items()}
+
+
+@torch.no_grad()
+def rewind(model: nn.Module, rewind_point: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Copy ``rewind_point`` into ``model`` in place, then prune it with ``masks``.
+
+    In place (``copy_``) so that optimizers, DDP and anything else holding the parameters keep working.
+    Raises ``ValueError`` when the keys or shapes do not fit the model.
+    """
+    state = model.state_dict(keep_vars=True)
+    if set(state) != set(rewind_point):
+        missing, extra = sorted(set(state) - set(rewind_point)), sorted(set(rewind_point) - set(state))
+        raise ValueError(f'rewind point: keys do not match the model (missing {missing}, unexpected {extra})')
+    for name, target in state.items():
+        source = rewind_point[name]
+        if source.shape != target.shape:
+            raise ValueError(
+                f'rewind point[{name!r}]: shape {tuple(source.shape)} does not match the model {tuple(target.shape)}')
+        target.copy_(source)
+    if masks is not None:
+        apply_masks(model, masks)
+
+
+def snapshot_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A deep copy of ``optimizer.state_dict()`` (momentum buffers, Adam moments, learning rates)."""
+    return copy.deepcopy(optimizer.state_dict())
+
+
+@torch.no_grad()
+def rewind_optimizer(optimizer: torch.optim.Optimizer, optimizer_snapshot: Mapping[str, Any] | None,
+                     masks_by_param: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Restore ``optimizer_snapshot`` in place, or clear the optimizer state when it is ``None``.
+
+    ``masks_by_param`` (parameter -> bool mask) zeroes the restored per-weight state of pruned weights, so momentum
+    saved before pruning cannot push them (it would be undone at the next mask, but it would be wasted work).
+    """
+    if optimizer_snapshot is None:
+        optimizer.state.clear()
+        return
+    optimizer.load_state_dict(copy.deepcopy(dict(optimizer_snapshot)))
+    for param, mask in (masks_by_param or {}).items():
+        for value in optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                value.masked_fill_(~mask, 0)

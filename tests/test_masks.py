@@ -1,0 +1,142 @@
+"""The functional core: magnitude masks, counting, ties, prunable-layer rule, applying masks, rewinding."""
+import pytest
+import torch
+from torch import nn
+
+from composer_imp.functional import (
+    apply_masks,
+    density,
+    magnitude_masks,
+    masks_at_density,
+    prunable_weights,
+    rewind,
+    snapshot,
+)
+
+
+def random_weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {'a.weight': torch.randn(30, 20, generator=g), 'b.weight': torch.randn(7, 3, 3, 3, generator=g) * 0.3,
+            'c.weight': torch.randn(10, 50, generator=g) * 2}
+
+
+def reference_global(weights, fraction, masks):
+    """Straightforward reference: sort every alive magnitude, prune the round(fraction * n) smallest."""
+    flat = [(float(w.flatten()[i].abs()), name, i) for name, w in weights.items()
+            for i in range(w.numel()) if masks[name].flatten()[i]]
+    flat.sort()
+    pruned = {(name, i) for _, name, i in flat[:round(fraction * len(flat))]}
+    return {name: torch.tensor([masks[name].flatten()[i].item() and (name, i) not in pruned
+                                for i in range(w.numel())]).view_as(w) for name, w in weights.items()}
+
+
+@pytest.mark.parametrize('fraction', [0.2, 0.5, 0.9])
+def test_global_masks_equal_a_full_sort_reference(fraction):
+    weights = random_weights()
+    masks = magnitude_masks(weights, 0.3)
+    new = magnitude_masks(weights, fraction, masks)
+    expected = reference_global(weights, fraction, masks)
+    assert all(torch.equal(new[n], expected[n]) for n in weights)
+
+
+def test_layerwise_masks_equal_a_per_tensor_reference():
+    weights = random_weights(1)
+    new = magnitude_masks(weights, 0.4, scope='layerwise')
+    for name, w in weights.items():
+        expected = reference_global({name: w}, 0.4, {name: torch.ones_like(w, dtype=torch.bool)})[name]
+        assert torch.equal(new[name], expected)
+        assert int(new[name].sum()) == w.numel() - round(0.4 * w.numel())
+
+
+def test_global_scope_lets_layer_densities_differ_and_prunes_small_layers_first():
+    masks = magnitude_masks(random_weights(), 0.5)
+    # 'b' was scaled by 0.3 and 'c' by 2: global pruning hits b hardest and c least
+    assert density({'b': masks['b.weight']}) < density({'a': masks['a.weight']}) < density({'c': masks['c.weight']})
+
+
+def test_masks_are_nested_and_pruned_weights_never_come_back():
+    weights = random_weights()
+    masks = None
+    for level in range(6):
+        new = magnitude_masks(weights, 0.2, masks)
+        if masks is not None:
+            assert all(not (new[n] & ~masks[n]).any() for n in weights)
+        masks = new
+        # even if a pruned weight grows large it must stay pruned
+        weights = {n: torch.where(masks[n], w, torch.full_like(w, 100.0)) for n, w in weights.items()}
+
+
+def test_ties_prune_exactly_the_requested_count_in_index_order():
+    weights = {'x': torch.ones(10), 'y': torch.ones(5)}
+    masks = magnitude_masks(weights, 0.4)  # 6 of 15 identical magnitudes
+    assert density(masks) == pytest.approx(9 / 15)
+    assert masks['x'].tolist() == [False] * 6 + [True] * 4 and masks['y'].all()
+
+
+def test_density_after_levels_follows_the_geometric_sequence_within_one_weight_per_tensor():
+    weights = random_weights(2)
+    total = sum(w.numel() for w in weights.values())
+    for scope in ('global', 'layerwise'):
+        masks = None
+        for level in range(1, 12):
+            masks = masks_at_density(weights, 0.8**level, masks, scope)
+            alive = sum(int(m.sum()) for m in masks.values())
+            assert abs(alive - 0.8**level * total) <= len(weights)
+            if scope == 'layerwise':
+                for name, w in weights.items():
+                    assert abs(int(masks[name].sum()) - 0.8**level * w.numel()) <= 1
+
+
+def test_threshold_is_computed_on_the_weights_device_without_numpy(monkeypatch):
+    import numpy
+    monkeypatch.setattr(numpy, 'sort', lambda *a, **k: pytest.fail('numpy sort used'))
+    weights = {n: w.requires_grad_() for n, w in random_weights().items()}
+    masks = magnitude_masks(weights, 0.3)
+    assert all(m.dtype == torch.bool and m.device == weights[n].device for n, m in masks.items())
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.shortcut = nn.Conv2d(3, 4, 1, bias=False)
+        self.fc = nn.Linear(4, 2)
+
+
+def test_prunable_weights_are_every_conv_and_linear_weight_and_nothing_else():
+    assert set(prunable_weights(Net())) == {'conv.weight', 'shortcut.weight', 'fc.weight'}
+    assert set(prunable_weights(Net(), ignore=['fc.*', 'shortcut.weight'])) == {'conv.weight'}
+
+
+def test_bad_ignore_pattern_and_models_without_prunable_weights_raise():
+    with pytest.raises(ValueError, match="ignore: pattern 'fc2.weight' matches no prunable weight"):
+        prunable_weights(Net(), ignore=['fc2.weight'])
+    with pytest.raises(ValueError, match='model: no prunable weights'):
+        prunable_weights(nn.Sequential(nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError, match='fraction'):
+        magnitude_masks(random_weights(), 1.0)
+    with pytest.raises(ValueError, match='scope'):
+        magnitude_masks(random_weights(), 0.2, scope='row')
+    with pytest.raises(ValueError, match="masks\\['a.weight'\\]: shape"):
+        magnitude_masks(random_weights(), 0.2, {n: torch.ones(2, dtype=torch.bool) for n in random_weights()})
+
+
+def test_apply_masks_gives_exact_zeros_and_rewind_is_bit_exact():
+    net = Net()
+    point = snapshot(net)
+    masks = magnitude_masks(net, 0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        net.bn.running_mean.add_(3.0)
+        net.fc.weight[0, 0] = float('inf')
+    rewind(net, point, masks)
+    state = net.state_dict()
+    for name, value in point.items():
+        expected = value.masked_fill(~masks[name], 0) if name in masks else value
+        assert torch.equal(state[name], expected)
+    assert all((state[n][~m] == 0).all() for n, m in masks.items())
+    apply_masks(net, masks)
+    with pytest.raises(ValueError, match='rewind point'):
+        rewind(net, {k: v for k, v in point.items() if k != 'fc.bias'})
