@@ -263,3 +263,14 @@ def test_existing_imp_folder_is_not_overwritten(tmp_path):
     with pytest.raises(ValueError, match='already holds an IMP run'):
         run(tmp_path)
     assert open(tmp_path / 'imp' / 'levels.jsonl').read() == before
+
+
+def test_training_flops_scale_with_the_layer_densities(tmp_path):
+    _, imp, _ = run(tmp_path)
+    dense, per_layer = imp.dense_macs['dense'], imp.dense_macs['weights']
+    assert set(per_layer) == set(imp.masks) and dense >= sum(per_layer.values()) > 0
+    level0, level2 = imp.history[0], imp.history[2]
+    assert level0['flops'] == pytest.approx(6 * level0['samples'] * dense)
+    expected = 6 * level2['samples'] * (dense - sum(m * (1 - level2['layer_density'][n]) for n, m in per_layer.items()))
+    assert level2['flops'] == pytest.approx(expected)
+    assert level2['flops'] / level2['samples'] < level0['flops'] / level0['samples']

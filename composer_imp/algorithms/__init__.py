@@ -2,3 +2,6 @@
 from composer_imp.algorithms.imp import IMP, FixedStep, SparsityStep
 
 __all__ = ['IMP', 'FixedStep', 'SparsityStep']
+from composer_imp.algorithms.adaptive_sparsity import AdaptiveSparsityStep
+
+__all__ += ['AdaptiveSparsityStep']

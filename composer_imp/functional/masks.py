@@ -14,7 +14,7 @@ through numpy.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ __all__ = [
     'density',
     'layer_densities',
     'alive_count',
+    'kth_smallest',
 ]
 
 # open_lth's rule (models/base.py: prunable_layer_names): the weight of every conv and linear layer.
@@ -73,37 +74,68 @@ def _check_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.
                 f'masks[{name!r}]: shape {tuple(masks[name].shape)} does not match the weight shape {tuple(w.shape)}')
 
 
-def _keep_largest(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], num_prune: int) -> dict[str, torch.Tensor]:
+def kth_smallest(values: torch.Tensor, k: int, bins: int = 4096) -> torch.Tensor:
+    """The k-th smallest (1-based) entry of a 1-D tensor, exactly as ``torch.kthvalue`` returns it.
+
+    A histogram pass finds the few bins that must hold the answer; ``kthvalue`` then runs on those entries only.
+    Exact whatever ``histc`` does at bin edges, because the entries below and inside the window are counted by direct
+    comparison; falls back to a full ``kthvalue`` if the window misses.
+    """
+    if values.numel() < bins * 64:
+        return torch.kthvalue(values, k).values
+    low, high = torch.aminmax(values)
+    if low == high:
+        return low
+    cumulative = torch.histc(values, bins, float(low), float(high)).cumsum(0)
+    hit = int(torch.searchsorted(cumulative, torch.tensor(float(k), device=values.device)))
+    width = (high - low) / bins
+    lower, upper = low + (hit - 1) * width, low + (hit + 2) * width
+    below = int(torch.count_nonzero(values < lower))
+    window = values[(values >= lower) & (values < upper)]
+    if 1 <= k - below <= window.numel():
+        return torch.kthvalue(window, k - below).values
+    return torch.kthvalue(values, k).values
+
+
+def _keep_largest(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None, alive: dict[str, int],
+                  num_prune: int) -> dict[str, torch.Tensor]:
     """Prune the ``num_prune`` alive weights of smallest magnitude, pooled over all tensors in ``weights``."""
-    new_masks = {name: masks[name].clone() for name in weights}
-    if num_prune <= 0:
-        return new_masks
-    alive = torch.cat([weights[n].abs()[masks[n]].float().flatten() for n in weights])
-    num_prune = min(num_prune, alive.numel())
-    threshold = torch.kthvalue(alive, num_prune).values
-    ties_to_prune = num_prune - int((alive < threshold).sum())
-    for name, w in weights.items():
-        magnitude = w.abs().float()
-        alive_here = masks[name]
-        prune = alive_here & (magnitude < threshold)
-        if ties_to_prune > 0:
-            ties = (alive_here & (magnitude == threshold)).flatten()
-            rank = torch.cumsum(ties, 0)
-            chosen = ties & (rank <= ties_to_prune)
-            ties_to_prune -= int(chosen.sum())
-            prune |= chosen.view_as(prune)
-        new_masks[name] = alive_here & ~prune
-    return new_masks
-
-
-def _prepare(weights, masks):
-    tensors = _as_tensors(weights)
-    if masks is None:
-        masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in tensors.items()}
+    sizes = [w.numel() for w in weights.values()]
+    num_prune = max(0, min(num_prune, sum(alive.values())))
+    # One float buffer holds every magnitude; pruned entries get -1, below every alive one, so the k-th smallest of the
+    # whole buffer (k counted past the pruned entries) is the threshold and no boolean gather is needed.
+    flat = torch.empty(sum(sizes), dtype=torch.float32, device=next(iter(weights.values())).device)
+    for (name, w), magnitude in zip(weights.items(), flat.split(sizes)):
+        torch.abs(w.flatten().float(), out=magnitude)
+        if alive[name] < w.numel():
+            magnitude.masked_fill_(~masks[name].flatten(), -1.0)
+    dead = flat.numel() - sum(alive.values())
+    if num_prune == 0:
+        keep = flat >= 0
     else:
+        threshold = kth_smallest(flat, dead + num_prune)
+        keep = flat >= threshold
+        ties_to_prune = num_prune - (int(torch.count_nonzero(flat < threshold)) - dead)
+        if ties_to_prune > 0:  # the first ties in index order go
+            keep[torch.nonzero(flat == threshold).flatten()[:ties_to_prune]] = False
+    return {name: part.view_as(w).clone() for (name, w), part in zip(weights.items(), keep.split(sizes))}
+
+
+def _prune(weights, masks, scope: str, count: Callable[[int, int], int]) -> dict[str, torch.Tensor]:
+    """Prune ``count(alive, numel)`` weights, over all tensors (global) or per tensor (layerwise)."""
+    _check_scope(scope)
+    tensors = _as_tensors(weights)
+    if masks is not None:
         _check_masks(tensors, masks)
         masks = {n: masks[n].to(device=w.device, dtype=torch.bool) for n, w in tensors.items()}
-    return tensors, masks
+    alive = {n: w.numel() if masks is None else int(torch.count_nonzero(masks[n])) for n, w in tensors.items()}
+    if scope == 'global':
+        num_prune = count(sum(alive.values()), sum(w.numel() for w in tensors.values()))
+        return _keep_largest(tensors, masks, alive, num_prune)
+    return {
+        name: _keep_largest({name: w}, masks, {name: alive[name]}, count(alive[name], w.numel()))[name]
+        for name, w in tensors.items()
+    }
 
 
 def _check_scope(scope: str) -> None:
@@ -127,14 +159,7 @@ def magnitude_masks(
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f'fraction: {fraction} is not allowed; use a fraction of the remaining weights in [0, 1)')
-    _check_scope(scope)
-    tensors, masks = _prepare(weights, masks)
-    if scope == 'global':
-        return _keep_largest(tensors, masks, round(fraction * alive_count(masks)))
-    return {
-        name: _keep_largest({name: w}, {name: masks[name]}, round(fraction * int(masks[name].sum())))[name]
-        for name, w in tensors.items()
-    }
+    return _prune(weights, masks, scope, lambda alive, numel: round(fraction * alive))
 
 
 def masks_at_density(
@@ -150,16 +175,7 @@ def masks_at_density(
     """
     if not 0.0 <= target_density <= 1.0:
         raise ValueError(f'target_density: {target_density} is not allowed; use a density in [0, 1]')
-    _check_scope(scope)
-    tensors, masks = _prepare(weights, masks)
-    if scope == 'global':
-        keep = round(target_density * sum(w.numel() for w in tensors.values()))
-        return _keep_largest(tensors, masks, alive_count(masks) - keep)
-    return {
-        name: _keep_largest({name: w}, {name: masks[name]},
-                            int(masks[name].sum()) - round(target_density * w.numel()))[name]
-        for name, w in tensors.items()
-    }
+    return _prune(weights, masks, scope, lambda alive, numel: alive - round(target_density * numel))
 
 
 @torch.no_grad()
@@ -181,7 +197,7 @@ def mask_gradients(weights: Mapping[str, torch.Tensor] | nn.Module, masks: Mappi
 
 
 def alive_count(masks: Mapping[str, torch.Tensor]) -> int:
-    return sum(int(m.sum()) for m in masks.values())
+    return sum(int(torch.count_nonzero(m)) for m in masks.values())
 
 
 def density(masks: Mapping[str, torch.Tensor]) -> float:
@@ -191,4 +207,4 @@ def density(masks: Mapping[str, torch.Tensor]) -> float:
 
 
 def layer_densities(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    return {name: int(m.sum()) / m.numel() for name, m in masks.items()}
+    return {name: int(torch.count_nonzero(m)) / m.numel() for name, m in masks.items()}

@@ -23,7 +23,7 @@ from composer.utils.file_helpers import format_name_with_dist
 
 from composer_imp.algorithms.imp.schedule import LevelView, make_level_relative
 from composer_imp.algorithms.imp.sparsity_step import FixedStep, SparsityStep
-from composer_imp.evaluation import eval_metric_values, evaluate, unwrap_model
+from composer_imp.evaluation import eval_metric_values, evaluate, preserve_rng, unwrap_model
 from composer_imp.functional import (
     apply_masks,
     density,
@@ -36,6 +36,7 @@ from composer_imp.functional import (
     snapshot,
     snapshot_optimizer,
 )
+from composer_imp.functional.flops import TRAIN_FLOPS_PER_MAC, layer_macs, sparse_macs
 from composer_imp.functional.masks import SCOPES
 from composer_imp.functional.ticket import LEVELS_FILE, level_dir, save_level, save_rewind_point
 
@@ -113,6 +114,7 @@ class IMP(Algorithm):
         self.folder = folder
         self.sparsity_step = sparsity_step if sparsity_step is not None else FixedStep(prune_fraction)
         self._rewind_time = rewind_time
+        self.sparsity_step.check(self)
         self._hooks: list[LevelEndHook] = []
         self._keep_previous_level = self.sparsity_step.needs_previous_level
 
@@ -133,6 +135,7 @@ class IMP(Algorithm):
         self._history: list[dict[str, Any]] = []
         self._expected_max_duration: Optional[int] = None
         self._done = False
+        self._macs: Optional[dict[str, Any]] = None  # dense MACs per sample: {'dense': float, 'weights': {name: float}}
 
         self._last_eval: tuple[int, dict[str, float]] = (-1, {})
         self._masked_params: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
@@ -193,6 +196,18 @@ class IMP(Algorithm):
             'schedule_batches': self._plan['schedule_batches'],
         }
 
+    def training_flops(self, samples: int, layer_density: Optional[dict[str, float]] = None) -> Optional[float]:
+        """Estimated FLOPs of training ``samples`` examples at the current (or given) layer densities."""
+        if not self._macs:
+            return None
+        density_by_layer = layer_densities(self._masks) if layer_density is None else layer_density
+        return TRAIN_FLOPS_PER_MAC * samples * sparse_macs(self._macs['dense'], self._macs['weights'], density_by_layer)
+
+    @property
+    def dense_macs(self) -> Optional[dict[str, Any]]:
+        """Dense multiply-accumulates per sample, total and per prunable layer (measured on the first batch)."""
+        return self._macs
+
     def add_level_end_hook(self, hook: LevelEndHook, needs_previous_level: bool = False) -> None:
         """Call ``hook(state, logger, record)`` at the end of every level, before pruning and rewinding.
 
@@ -205,7 +220,8 @@ class IMP(Algorithm):
 
     # ------------------------------------------------------------------ Composer plumbing
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.AFTER_LOAD, Event.FIT_START, Event.BATCH_START, Event.AFTER_TRAIN_BATCH,
+        return event in (Event.INIT, Event.AFTER_LOAD, Event.FIT_START, Event.AFTER_DATALOADER, Event.BATCH_START,
+                         Event.AFTER_TRAIN_BATCH,
                          Event.BATCH_END, Event.EVAL_AFTER_ALL, Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -214,11 +230,15 @@ class IMP(Algorithm):
         elif event == Event.AFTER_LOAD:
             self._check_model(state)
             self._start(state)
+            self.sparsity_step.setup(state, self)
         elif event == Event.FIT_START:
             self._start(state)
             self._resolve_folder(state)
             if self._rewind_point is None and self._plan['rewind_batch'] == 0:
                 self._capture_rewind_point(state)
+        elif event == Event.AFTER_DATALOADER:
+            if self._macs is None:
+                self._count_macs(state)
         elif event == Event.BATCH_START:
             if not self._done and self._level_over(state):  # resumed from a checkpoint written before a transition
                 self._end_level(state, logger)
@@ -263,6 +283,7 @@ class IMP(Algorithm):
             'history': self._history,
             'expected_max_duration': self._expected_max_duration,
             'done': self._done,
+            'macs': self._macs,
             'sparsity_step': self.sparsity_step.state_dict(),
         }
 
@@ -283,6 +304,7 @@ class IMP(Algorithm):
         self._history = state['history']
         self._expected_max_duration = state['expected_max_duration']
         self._done = state['done']
+        self._macs = state['macs']
         self.sparsity_step.load_state_dict(state['sparsity_step'])
         self._masked_params = None
 
@@ -391,6 +413,19 @@ class IMP(Algorithm):
             )
         return LevelView(local, Time.from_timestring(self._plan['schedule_duration']), state.dataloader_len)
 
+    def _count_macs(self, state: State) -> None:
+        batch = state.batch
+        first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) if isinstance(
+            batch, dict) else batch
+        model = unwrap_model(state)
+        try:
+            with preserve_rng(state):
+                dense, per_weight = layer_macs(model, (batch,), int(first.shape[0]), self._masks)
+        except Exception as error:  # an exotic forward must not stop training; FLOPs are then reported as unknown
+            warnings.warn(f'IMP: could not count MACs with torch-pruning ({error}); FLOPs will not be reported')
+            dense, per_weight = 0.0, {}
+        self._macs = {'dense': dense, 'weights': per_weight} if dense else {}
+
     def _masked_parameters(self, state: State) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._masked_params is None:
             params = dict(unwrap_model(state).named_parameters())
@@ -437,6 +472,7 @@ class IMP(Algorithm):
             'eval': self._level_eval(state),
             'steps': int(now.batch) - int(self._level_start['batch']),
             'samples': int(now.sample) - int(self._level_start['sample']),
+            'flops': self.training_flops(int(now.sample) - int(self._level_start['sample'])),
             'seconds': now.total_wct.total_seconds() - float(self._level_start['seconds']),
             'start_batch': int(self._level_start['batch']),
             'end_batch': int(now.batch),

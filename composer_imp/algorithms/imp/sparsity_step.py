@@ -29,6 +29,12 @@ class SparsityStep:
     def __init__(self) -> None:
         self.decision: dict[str, Any] = {}
 
+    def check(self, imp: 'IMP') -> None:
+        """Validate against the IMP settings; called by ``IMP.__init__`` (raise ``ValueError`` naming the argument)."""
+
+    def setup(self, state: State, imp: 'IMP') -> None:
+        """Called at ``AFTER_LOAD``, inside ``Trainer.__init__``: the place for errors that need the run's state."""
+
     def fraction(self, state: State, imp: 'IMP', logger: Logger) -> float:
         raise NotImplementedError
 

@@ -1,0 +1,479 @@
+"""AdaptiveSparsityStep: choose each IMP level's pruning fraction by a projection check, verify it, back off.
+
+This is the project's own heuristic (science.md §9), built on findings of Paul et al. (ICLR 2023): the fraction a
+trained solution tolerates in one step is set by the flatness of the landscape around it, and at higher sparsity
+successive IMP levels are linearly connected iff they are matching. The method card (README.md next to this file)
+explains the algorithm, the defaults and their measurement.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import math
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from composer.core import State
+from composer.core.precision import get_precision_context
+from composer.loggers import Logger
+from composer.utils import dist
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Subset
+
+from composer_imp.algorithms.imp.sparsity_step import SparsityStep
+from composer_imp.evaluation import preserve_rng, unwrap_model
+from composer_imp.functional.barrier import error_and_loss, error_curve, is_matching
+from composer_imp.functional.flops import FORWARD_FLOPS_PER_MAC, sparse_macs
+from composer_imp.functional.interpolate import training_mode
+from composer_imp.functional.masks import alive_count, layer_densities, magnitude_masks
+from composer_imp.functional.projection import PROJECTION_METRICS, check_fraction_range, max_prune_fraction
+
+if TYPE_CHECKING:
+    from composer_imp.algorithms.imp.imp import IMP
+
+__all__ = ['AdaptiveSparsityStep', 'BACKOFF_ON', 'max_prune_fraction', 'compute_totals']
+
+BACKOFF_ON = ('matching', 'barrier', 'either')
+
+
+class AdaptiveSparsityStep(SparsityStep):
+    """Per-level pruning fractions for ``IMP(target_density=...)``: as large as the trained network tolerates.
+
+    At the end of every accepted level L (trained network w_L, mask m_L):
+
+    1. **Projection check.** Prune w_L by candidate fractions p of its alive weights *without retraining* and score
+       each projection on a fixed train subset (the *probe*), in eval mode. The step is the largest p in
+       [``p_min``, ``p_max``] whose probe ``projection_metric`` rises by at most ``projection_tolerance`` over w_L
+       (bisection, or ``candidates`` refined by bisection); ``p_min`` when none does. It never prunes past
+       ``target_density``.
+    2. **Verification.** After level L+1 has trained, it must be *matching* (error within ``matching_tolerance`` of
+       the dense level 0) and/or *linearly connected* to w_L (``backoff_on``), measured on ``val_dataloader``. If not,
+       IMP discards it, restores level L's mask and trained weights exactly, and level L+1 is trained again with half
+       the step in log-density (``1 - sqrt(1 - p)``; the last of ``max_backoffs`` retries uses ``p_min``).
+    3. **End of the matching range.** A level that fails at ``p_min`` is accepted (a fixed ``p_min`` step would have
+       accepted it too) and marked; from then on every step is ``p_min``, without projection checks.
+
+    Args:
+        p_min: smallest step and fallback, a fraction of the *remaining* prunable weights (the fixed-IMP 0.2).
+        p_max: largest step tried. 0 < p_min < p_max < 1.
+        projection_tolerance: admissible rise of the probe metric caused by the extra pruning: absolute error
+            (0.02 = 2 percentage points of train error) for ``'error'``, nats of cross-entropy for ``'loss'``.
+        projection_metric: ``'error'`` (fraction misclassified) or ``'loss'`` (mean cross-entropy).
+        resolution: the bisection stops when the admissible interval is narrower than this (a fraction).
+        candidates: ascending grid of fractions in [p_min, p_max] to try instead of starting from p_max.
+        probe_samples: size of the probe (over all ranks). Default: a fixed random subset of the train dataset,
+            drawn with the run's seed (map-style datasets), else the first batches of the train dataloader.
+        probe_dataloader: batches to take the probe from instead (first ``probe_samples`` samples, cached once);
+            use it for an un-augmented copy of the training data or when the train DataSpec has batch transforms.
+        val_dataloader: held-out training data on which verification measures matching and barriers; the dense
+            error is measured on it at the end of level 0. Without it, verification reads ``imp/matching`` and
+            ``lmc/connected`` from an attached ``LMCEvaluator``, which measures on the run's evaluator: if that is the
+            test split, test data steer the back-offs (a warning says so and the record names the split).
+        backoff_on: which failed check triggers a back-off: ``'matching'``, ``'barrier'`` or ``'either'``.
+        matching_tolerance: absolute error above the dense error still called matching on the validation data.
+        barrier_tolerance: largest linear-interpolation barrier (absolute error) still called connected.
+        alphas: interpolation points of the verification barrier (an int, or values including 0 and 1).
+        max_backoffs: retries of one level before it is accepted at ``p_min`` (>= 1).
+
+    Everything the step decides goes into ``levels.jsonl``: the level's ``step`` (fraction, reason, candidates with
+    probe error/loss and delta, back-off count, probe cost) and ``verify`` (validation error, dense error, barrier,
+    outcome, cost), and the scalars ``adaptive/...`` into the logger. Identical on every rank: probe and validation
+    totals are all-reduced and the chosen fraction is broadcast from rank 0.
+    """
+
+    needs_previous_level = True
+
+    def __init__(
+        self,
+        p_min: float = 0.2,
+        p_max: float = 0.6,
+        projection_tolerance: float = 0.02,
+        projection_metric: str = 'error',
+        resolution: float = 0.05,
+        candidates: Optional[Sequence[float]] = None,
+        probe_samples: int = 2048,
+        probe_dataloader: Optional[Iterable[Any]] = None,
+        val_dataloader: Optional[Iterable[Any]] = None,
+        backoff_on: str = 'matching',
+        matching_tolerance: float = 0.01,
+        barrier_tolerance: float = 0.02,
+        alphas: Any = 5,
+        max_backoffs: int = 2,
+    ):
+        super().__init__()
+        check_fraction_range(p_min, p_max, projection_tolerance, resolution,
+                             None if candidates is None else list(candidates))
+        if projection_metric not in PROJECTION_METRICS:
+            raise ValueError(f'projection_metric: {projection_metric!r} is not allowed; use one of {PROJECTION_METRICS}')
+        if isinstance(probe_samples, bool) or not isinstance(probe_samples, int) or probe_samples < 1:
+            raise ValueError(f'probe_samples: {probe_samples!r} is not allowed; use a number of samples >= 1')
+        if backoff_on not in BACKOFF_ON:
+            raise ValueError(f'backoff_on: {backoff_on!r} is not allowed; use one of {BACKOFF_ON}')
+        for name, value in (('matching_tolerance', matching_tolerance), ('barrier_tolerance', barrier_tolerance)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0.0:
+                raise ValueError(f'{name}: {value!r} is not allowed; use a positive absolute error (0.01 = 1 point)')
+        if isinstance(max_backoffs, bool) or not isinstance(max_backoffs, int) or max_backoffs < 1:
+            raise ValueError(f'max_backoffs: {max_backoffs!r} is not allowed; use an integer >= 1')
+        from composer_imp.functional.barrier import alpha_grid
+        self.alphas = alpha_grid(alphas)
+        self.p_min = float(p_min)
+        self.p_max = float(p_max)
+        self.projection_tolerance = float(projection_tolerance)
+        self.projection_metric = projection_metric
+        self.resolution = float(resolution)
+        self.candidates = None if candidates is None else [float(c) for c in candidates]
+        self.probe_samples = probe_samples
+        self.probe_dataloader = probe_dataloader
+        self.val_dataloader = val_dataloader
+        self.backoff_on = backoff_on
+        self.matching_tolerance = float(matching_tolerance)
+        self.barrier_tolerance = float(barrier_tolerance)
+        self.max_backoffs = max_backoffs
+
+        # Checkpointed (state_dict): plain numbers, strings, dicts.
+        self._fraction: Optional[float] = None  # the fraction the level now training was pruned by
+        self._backoffs = 0  # back-offs of the level now training
+        self._retry_fraction: Optional[float] = None  # set by a rejection, used by the next fraction() call
+        self._matching_lost = False
+        self._dense_val_error: Optional[float] = None
+        self._parent = {'alive': 0, 'total': 0, 'level': 0}  # the accepted level the current one was pruned from
+        self._verified_on: Optional[str] = None
+
+        self._probe: Optional[list[Any]] = None  # cached probe batches (CPU); rebuilt at setup, never checkpointed
+        self._probe_model: Optional[nn.Module] = None
+
+    # ------------------------------------------------------------------ SparsityStep interface
+    def check(self, imp: 'IMP') -> None:
+        if imp.target_density is None:
+            raise ValueError('target_density: AdaptiveSparsityStep chooses how far each level prunes and needs a '
+                             'density to stop at; use IMP(target_density=..., sparsity_step=AdaptiveSparsityStep(...)) '
+                             'instead of IMP(levels=...)')
+
+    def setup(self, state: State, imp: 'IMP') -> None:
+        if self.probe_dataloader is None and state.train_dataloader is None:
+            raise ValueError('probe_dataloader: AdaptiveSparsityStep needs a train subset for its projection check, '
+                             'and the Trainer has no train_dataloader yet; pass train_dataloader to the Trainer '
+                             'constructor (not to fit()) or give AdaptiveSparsityStep(probe_dataloader=...)')
+        if self.val_dataloader is not None:
+            self._verified_on = 'val'
+        else:
+            from composer_imp.callbacks.lmc_evaluator import LMCEvaluator  # callbacks import algorithms: import late
+
+            lmc = [c for c in state.callbacks if isinstance(c, LMCEvaluator)]
+            if not lmc:
+                raise ValueError('val_dataloader: AdaptiveSparsityStep verifies each level on held-out data and has '
+                                 'none; pass val_dataloader (a split carved from the training data), or attach '
+                                 "LMCEvaluator to use the run's evaluator instead (not advised if it is the test split)")
+            label = lmc[0].eval_label or (state.evaluators[0].label if state.evaluators else 'eval')
+            self._verified_on = f'eval:{label}'
+            warnings.warn(f'AdaptiveSparsityStep: no val_dataloader, so back-offs use LMCEvaluator\'s imp/matching and '
+                          f'lmc/connected, measured on the evaluator {label!r}. If that is the test split, test data '
+                          'choose the steps and the final test accuracy is not an unbiased estimate; pass '
+                          'val_dataloader with held-out training data instead.')
+        with preserve_rng(state):
+            self._probe = self._cache_probe(state)
+        if not self._probe:
+            raise ValueError('probe_dataloader: the train subset for the projection check is empty; give a dataloader '
+                             'that yields at least one batch')
+
+    def fraction(self, state: State, imp: 'IMP', logger: Logger) -> float:
+        start = time.perf_counter()
+        cost = {'samples': 0, 'flops': 0.0}
+        retry = self._retry_fraction is not None
+        if not retry:  # the level that just ended was accepted: it is the parent of the next one
+            self._parent = {'alive': alive_count(imp.masks), 'total': sum(m.numel() for m in imp.masks.values()),
+                            'level': imp.level}
+            self._backoffs = 0
+        parent_density = self._parent['alive'] / self._parent['total']
+        decision: dict[str, Any] = {'parent_level': self._parent['level'], 'parent_density': parent_density,
+                                    'attempt': self._backoffs, 'projection': None}
+        with preserve_rng(state):
+            if imp.level == 0 and not retry and self.val_dataloader is not None:
+                self._dense_val_error, samples = self._val_error(state, unwrap_model(state))
+                decision['dense_val_error'] = self._dense_val_error
+                self._add_cost(cost, imp, samples, imp.masks)
+            if retry:
+                fraction, reason = self._retry_fraction, 'backoff'
+            elif self._matching_lost:
+                fraction, reason = self.p_min, 'matching_lost'
+            else:
+                projection = self._project(state, imp, cost)
+                decision['projection'] = projection
+                fraction = projection['fraction']
+                reason = 'projection' if projection['admissible'] else 'projection_inadmissible'
+        to_target = self._fraction_to_target(imp)
+        decision['clipped_to_target'] = fraction >= to_target
+        fraction = min(fraction, to_target)
+        fraction = _broadcast_float(state, fraction)  # rank 0 decides; the inputs were all-reduced anyway
+        self._fraction, self._retry_fraction = fraction, None
+        cost['seconds'] = time.perf_counter() - start
+        decision.update({'fraction': fraction, 'reason': reason, 'cost': cost})
+        self.decision = decision
+        metrics = {'adaptive/fraction': fraction, 'adaptive/attempt': self._backoffs,
+                   'adaptive/check_samples': cost['samples'], 'adaptive/check_seconds': cost['seconds']}
+        if decision['projection'] is not None:
+            metrics['adaptive/projection_evaluations'] = decision['projection']['evaluations']
+        logger.log_metrics({k: float(v) for k, v in metrics.items()})
+        return fraction
+
+    def accept(self, state: State, imp: 'IMP', record: dict[str, Any], logger: Logger) -> bool:
+        start = time.perf_counter()
+        cost = {'samples': 0, 'flops': 0.0}
+        verify: dict[str, Any] = {'on': self._verified_on, 'backoff_on': self.backoff_on}
+        with preserve_rng(state):
+            if self._verified_on == 'val':
+                checks = self._verify_on_val(state, imp, verify, cost)
+            else:
+                checks = {'matching': record.get('imp/matching'), 'connected': record.get('lmc/connected')}
+                if checks['matching'] is None:
+                    raise RuntimeError('AdaptiveSparsityStep: the level record has no imp/matching from LMCEvaluator; '
+                                       'pass val_dataloader to AdaptiveSparsityStep')
+        verify.update(checks)
+        wanted = {'matching': ['matching'], 'barrier': ['connected'], 'either': ['matching', 'connected']}[self.backoff_on]
+        passed = all(bool(checks.get(name)) for name in wanted)
+        passed = bool(_broadcast_float(state, float(passed)))
+        fraction = self._fraction if self._fraction is not None else self.p_min
+        at_floor = fraction <= self.p_min + 1e-12
+        if passed:
+            outcome, accepted = 'passed', True
+        elif at_floor:
+            outcome, accepted = 'failed_at_p_min', True
+            self._matching_lost = True  # the end of the matching range: no larger step will be tried again
+        else:
+            outcome, accepted = 'backoff', False
+            self._backoffs += 1
+            shrunk = 1.0 - math.sqrt(1.0 - fraction)  # half the step in log-density
+            self._retry_fraction = self.p_min if self._backoffs >= self.max_backoffs else max(self.p_min, shrunk)
+            verify['retry_fraction'] = self._retry_fraction
+        cost['seconds'] = time.perf_counter() - start
+        verify.update({'outcome': outcome, 'fraction': fraction, 'backoffs': self._backoffs, 'cost': cost})
+        record['verify'] = verify
+        record.update({'adaptive/fraction': fraction, 'adaptive/verified': passed, 'adaptive/backoff': not accepted,
+                       'adaptive/matching_lost': self._matching_lost})
+        for name in ('val_error', 'barrier'):
+            if name in verify:
+                record[f'adaptive/{name}'] = verify[name]
+        for name in ('matching', 'connected'):
+            if checks.get(name) is not None:
+                record[f'adaptive/{name}'] = bool(checks[name])
+        return accepted
+
+    def planned_levels(self, density: float, target_density: float) -> int:
+        """An upper bound: levels at ``p_min`` (IMP extends or shortens the run as the real steps are chosen)."""
+        levels, nominal = 0, density
+        while nominal > target_density * (1 + 1e-9):
+            nominal *= 1 - self.p_min
+            levels += 1
+        return levels
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            'decision': self.decision,
+            'fraction': self._fraction,
+            'backoffs': self._backoffs,
+            'retry_fraction': self._retry_fraction,
+            'matching_lost': self._matching_lost,
+            'dense_val_error': self._dense_val_error,
+            'parent': dict(self._parent),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._fraction = state.get('fraction')
+        self._backoffs = state.get('backoffs', 0)
+        self._retry_fraction = state.get('retry_fraction')
+        self._matching_lost = state.get('matching_lost', False)
+        self._dense_val_error = state.get('dense_val_error')
+        self._parent = dict(state.get('parent', self._parent))
+
+    # ------------------------------------------------------------------ the projection check
+    def _project(self, state: State, imp: 'IMP', cost: dict[str, Any]) -> dict[str, Any]:
+        probe = self._load_probe_model(state)
+        masks = imp.masks
+        result = max_prune_fraction(
+            probe, masks, self._device_batches(state, self._probe), p_min=self.p_min, p_max=self.p_max,
+            tolerance=self.projection_tolerance, metric=self.projection_metric, resolution=self.resolution,
+            candidates=self.candidates, scope=imp.scope, forward=lambda m, b: m.eval_forward(b),
+            reduce=self._reducer(state))
+        # Cost: one forward pass over the probe per evaluation, at the density of the network evaluated.
+        self._add_cost(cost, imp, result['samples'], masks)
+        weights = {n: p for n, p in probe.named_parameters() if n in masks}
+        for entry in result['tried']:
+            projected = magnitude_masks(weights, entry['fraction'], masks, imp.scope)
+            self._add_cost(cost, imp, result['samples'], projected)
+        result['tolerance'] = self.projection_tolerance
+        return result
+
+    def _fraction_to_target(self, imp: 'IMP') -> float:
+        """The fraction of the parent's alive weights whose pruning lands exactly on ``target_density``."""
+        keep = round(imp.target_density * self._parent['total'])
+        if imp.scope == 'layerwise':  # per-tensor rounding may keep up to half a weight more per tensor
+            keep -= len(imp.masks)
+        alive = self._parent['alive']
+        return 1.0 - max(keep, 0) / alive if alive else 0.0
+
+    # ------------------------------------------------------------------ verification
+    def _verify_on_val(self, state: State, imp: 'IMP', verify: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
+        model = unwrap_model(state)
+        checks: dict[str, Any] = {}
+        parent = imp.previous_level_state
+        if self.backoff_on != 'matching' and parent is not None:
+            probe = self._load_probe_model(state)
+            evaluate = self._val_scorer(state)
+            curve = error_curve(probe, parent, model.state_dict(), self.alphas, lambda m: evaluate(m)[:2])
+            error = curve['errors'][-1]
+            samples = evaluate.samples  # type: ignore[attr-defined]
+            # Interior points of the path live in the parent's (denser) subspace: cost them at its nonzeros.
+            parent_support = {n: parent[n] != 0 for n in imp.masks}
+            for alpha in curve['alphas']:
+                self._add_cost(cost, imp, samples, imp.masks if alpha == 1.0 else parent_support)
+            verify.update({'barrier': curve['barrier_linear'], 'curve': {'alphas': curve['alphas'],
+                                                                          'errors': curve['errors']}})
+            checks['connected'] = curve['barrier_linear'] <= self.barrier_tolerance
+        else:
+            error, samples = self._val_error(state, model)
+            self._add_cost(cost, imp, samples, imp.masks)
+        if self._dense_val_error is None:
+            raise RuntimeError('AdaptiveSparsityStep: no dense validation error; it is measured at the end of level 0')
+        checks['matching'] = is_matching(error, self._dense_val_error, self.matching_tolerance)
+        verify.update({'val_error': error, 'dense_val_error': self._dense_val_error,
+                       'matching_tolerance': self.matching_tolerance, 'barrier_tolerance': self.barrier_tolerance})
+        return checks
+
+    def _val_error(self, state: State, model: nn.Module) -> tuple[float, int]:
+        evaluate = self._val_scorer(state)
+        error, _, samples = evaluate(model)
+        return error, samples
+
+    def _val_scorer(self, state: State):
+        reduce = self._reducer(state)
+
+        def evaluate(model: nn.Module) -> tuple[float, float, int]:
+            counted = [0]
+
+            def pairs():
+                for batch in self._device_batches(state, self.val_dataloader):
+                    counted[0] += int(batch[1].shape[0])
+                    yield model.eval_forward(batch), batch[1]
+
+            with training_mode(model, False), self._same_batches(state), torch.no_grad():
+                error, loss = error_and_loss(pairs(), reduce=reduce)
+            samples = counted[0]
+            if dist.get_world_size() > 1:
+                samples = int(reduce(torch.tensor([float(samples)], dtype=torch.float64))[0])
+            evaluate.samples = samples  # type: ignore[attr-defined]
+            return error, loss, samples
+
+        return evaluate
+
+    # ------------------------------------------------------------------ helpers
+    def _load_probe_model(self, state: State) -> nn.Module:
+        """A copy of the run's model holding the current trained weights (one copy for the whole run)."""
+        model = unwrap_model(state)
+        if self._probe_model is None:
+            self._probe_model = copy.deepcopy(model)
+        with torch.no_grad():
+            self._probe_model.load_state_dict(model.state_dict())
+        return self._probe_model
+
+    def _add_cost(self, cost: dict[str, Any], imp: 'IMP', samples: int, masks: Mapping[str, torch.Tensor]) -> None:
+        cost['samples'] += int(samples)
+        macs = imp.dense_macs
+        if macs:
+            cost['flops'] += FORWARD_FLOPS_PER_MAC * samples * sparse_macs(macs['dense'], macs['weights'],
+                                                                           layer_densities(masks))
+
+    @staticmethod
+    def _reducer(state: State):
+        if dist.get_world_size() == 1:
+            return None
+
+        def reduce(totals: torch.Tensor) -> torch.Tensor:
+            totals = state.device.tensor_to_device(totals)
+            dist.all_reduce(totals, reduce_operation='SUM')
+            return totals
+
+        return reduce
+
+    @staticmethod
+    def _device_batches(state: State, batches: Iterable[Any]) -> Iterator[Any]:
+        with get_precision_context(state.precision, state.precision_config):
+            for batch in batches:
+                yield state.device.batch_to_device(batch)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _same_batches(state: State) -> Iterator[None]:
+        """Seed the (forked) RNG so a shuffled validation loader yields the same batches at every verification."""
+        with preserve_rng(state):
+            torch.manual_seed(state.rank_zero_seed)
+            yield
+
+    def _cache_probe(self, state: State) -> list[Any]:
+        world, rank = dist.get_world_size(), dist.get_global_rank()
+        per_rank = math.ceil(self.probe_samples / world)
+        if self.probe_dataloader is not None:
+            return _first_samples(self.probe_dataloader, per_rank)
+        loader = state.train_dataloader
+        dataset = getattr(loader, 'dataset', None)
+        if isinstance(loader, DataLoader) and dataset is not None and not isinstance(dataset, IterableDataset):
+            # A fixed random subset of the training set, drawn with the run's seed: the same on resume and in both
+            # runs of a comparison, independent of the data order, and split over the ranks without overlap.
+            generator = torch.Generator().manual_seed(int(state.rank_zero_seed))
+            chosen = torch.randperm(len(dataset), generator=generator)[:self.probe_samples][rank::world].tolist()
+            subset = DataLoader(Subset(dataset, chosen), batch_size=loader.batch_size or 256, shuffle=False,
+                                collate_fn=loader.collate_fn, num_workers=0)
+            return [batch for batch in subset]
+        if isinstance(loader, DataLoader) and loader.persistent_workers:
+            # A second iter() of a persistent-workers loader would reset the training run's own iterator.
+            loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
+                                num_workers=0)
+        return _first_samples(loader, per_rank)
+
+
+def _first_samples(loader: Iterable[Any], samples: int) -> list[Any]:
+    batches, count = [], 0
+    for batch in loader:
+        batches.append(batch)
+        count += int(batch[1].shape[0])
+        if count >= samples:
+            break
+    return batches
+
+
+def _broadcast_float(state: State, value: float) -> float:
+    if dist.get_world_size() == 1:
+        return float(value)
+    tensor = state.device.tensor_to_device(torch.tensor([float(value)], dtype=torch.float64))
+    dist.broadcast(tensor, src=0)
+    return float(tensor[0])
+
+
+def compute_totals(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Totals over an IMP run's level records (``imp.history`` or ``levels.jsonl``), rejected levels included.
+
+    ``steps``, ``samples``, ``seconds``, ``flops``: training, summed over every trained level (Composer's clock counts
+    the checks run at a level transition into the next level's seconds). ``check_samples``, ``check_flops``,
+    ``check_seconds``: forward passes of the adaptive step (projection checks, validation, barriers), also summed.
+    ``levels`` counts trainings, ``rejected`` the ones discarded by a back-off.
+    """
+    totals: dict[str, Any] = {'levels': len(history), 'accepted': 0, 'rejected': 0, 'steps': 0, 'samples': 0,
+                              'seconds': 0.0, 'flops': 0.0, 'check_samples': 0, 'check_flops': 0.0,
+                              'check_seconds': 0.0}
+    for record in history:
+        accepted = record.get('accepted', True)
+        totals['accepted' if accepted else 'rejected'] += 1
+        totals['steps'] += int(record.get('steps', 0))
+        totals['samples'] += int(record.get('samples', 0))
+        totals['seconds'] += float(record.get('seconds', 0.0))
+        totals['flops'] += float(record.get('flops') or 0.0)
+        for part in ('step', 'verify'):
+            cost = (record.get(part) or {}).get('cost') or {}
+            totals['check_samples'] += int(cost.get('samples', 0))
+            totals['check_flops'] += float(cost.get('flops', 0.0))
+            totals['check_seconds'] += float(cost.get('seconds', 0.0))
+    return totals
