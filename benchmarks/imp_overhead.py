@@ -29,9 +29,13 @@ class StepTimer(Callback):
         self._start = 0.0
 
     def batch_start(self, state, logger):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self._start = time.perf_counter()
 
     def batch_end(self, state, logger):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.steps.append(time.perf_counter() - self._start)
 
 
@@ -42,7 +46,7 @@ def _loader(batch_size: int) -> DataLoader:
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
-def _fit(with_imp: bool, batch_size: int, folder: str) -> tuple[list[float], float]:
+def _fit(with_imp: bool, batch_size: int, folder: str, device: str) -> tuple[list[float], float]:
     torch.manual_seed(0)
     model = build_model('cifar_resnet20')
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
@@ -52,7 +56,7 @@ def _fit(with_imp: bool, batch_size: int, folder: str) -> tuple[list[float], flo
     trainer = Trainer(model=model, train_dataloader=_loader(batch_size),
                       max_duration=f'{LEVEL_BATCHES if with_imp else total}ba', optimizers=optimizer,
                       schedulers=[CosineAnnealingScheduler()], algorithms=algorithms, callbacks=[timer],
-                      progress_bar=False, device='cpu', seed=1)
+                      progress_bar=False, device=device, seed=1)
     start = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - start
@@ -60,15 +64,15 @@ def _fit(with_imp: bool, batch_size: int, folder: str) -> tuple[list[float], flo
     return timer.steps, wall
 
 
-def run(batch_size: int = 64, repeats: int = 2) -> dict:
+def run(batch_size: int = 64, repeats: int = 3, device: str = 'cpu') -> dict:
     dense_steps, imp_steps, dense_wall, imp_wall = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        _fit(False, batch_size, tmp)  # warm-up: first Trainer, allocator, thread pools
+        _fit(False, batch_size, tmp, device)  # warm-up: first Trainer, allocator, thread pools
         for repeat in range(repeats):
-            steps, wall = _fit(False, batch_size, tmp)
+            steps, wall = _fit(False, batch_size, tmp, device)
             dense_steps += steps[1:]
             dense_wall.append(wall)
-            steps, wall = _fit(True, batch_size, f'{tmp}/imp{repeat}')
+            steps, wall = _fit(True, batch_size, f'{tmp}/imp{repeat}', device)
             imp_steps += steps[LEVEL_BATCHES:]  # the pruned levels: masks enforced every step
             imp_wall.append(wall)
     dense, imp = statistics.median(dense_steps), statistics.median(imp_steps)
@@ -81,5 +85,7 @@ def run(batch_size: int = 64, repeats: int = 2) -> dict:
 
 
 if __name__ == '__main__':
-    for key, value in run().items():
+    import sys
+
+    for key, value in run(device=sys.argv[1] if len(sys.argv) > 1 else 'cpu').items():  # Composer names: cpu, gpu
         print(f'{key}: {value:.4f}')

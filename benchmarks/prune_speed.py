@@ -19,13 +19,20 @@ from composer_imp.functional import magnitude_masks, prunable_weights
 FRACTION = 0.2
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _best(fn, repeats):
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first call warms up kernels and the allocator
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return min(times[1:])
 
 
 def open_lth_numpy(weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -40,17 +47,19 @@ def torch_global_unstructured(model: torch.nn.Module) -> None:
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=FRACTION)
 
 
-def run(repeats: int = 3) -> dict:
+def run(repeats: int = 3, device: str = 'cpu') -> dict:
     torch.manual_seed(0)
-    model = torchvision.models.resnet50()
+    model = torchvision.models.resnet50().to(device)
     weights = {name: w.detach() for name, w in prunable_weights(model).items()}
     ours = _best(lambda: magnitude_masks(weights, FRACTION), repeats)
     numpy_sort = _best(lambda: open_lth_numpy(weights), repeats)
 
     def fresh_and_prune():
-        fresh = torchvision.models.resnet50()
+        fresh = torchvision.models.resnet50().to(device)
+        _sync()
         start = time.perf_counter()
         torch_global_unstructured(fresh)
+        _sync()
         return time.perf_counter() - start
 
     nn_prune = min(fresh_and_prune() for _ in range(repeats))
@@ -58,6 +67,7 @@ def run(repeats: int = 3) -> dict:
     alive = sum(int(m.sum()) for m in masks.values())
     total = sum(w.numel() for w in weights.values())
     return {
+        'device': device,
         'weights': total,
         'pruned_exactly': total - alive == round(FRACTION * total),
         'composer_imp_s': ours,
@@ -69,5 +79,7 @@ def run(repeats: int = 3) -> dict:
 
 
 if __name__ == '__main__':
-    for key, value in run().items():
+    import sys
+
+    for key, value in run(device=sys.argv[1] if len(sys.argv) > 1 else 'cpu').items():
         print(f'{key}: {value:.3f}' if isinstance(value, float) else f'{key}: {value}')

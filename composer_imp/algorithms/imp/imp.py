@@ -244,14 +244,14 @@ class IMP(Algorithm):
                 self._end_level(state, logger)
         elif event == Event.AFTER_TRAIN_BATCH:
             if self.mask_gradients and self._level > 0:
-                for param, mask in self._masked_parameters(state):
+                for param, pruned in self._pruned_parameters(state):
                     if param.grad is not None:
-                        param.grad.masked_fill_(~mask, 0.0)
+                        param.grad.masked_fill_(pruned, 0.0)
         elif event == Event.BATCH_END:
             if self._level > 0:
                 with torch.no_grad():
-                    for param, mask in self._masked_parameters(state):
-                        param.masked_fill_(~mask, 0.0)
+                    for param, pruned in self._pruned_parameters(state):
+                        param.masked_fill_(pruned, 0.0)
             if self._rewind_point is None and int(state.timestamp.batch) == self._plan['rewind_batch']:
                 self._capture_rewind_point(state)
         elif event == Event.EVAL_AFTER_ALL:
@@ -422,14 +422,16 @@ class IMP(Algorithm):
             with preserve_rng(state):
                 dense, per_weight = layer_macs(model, (batch,), int(first.shape[0]), self._masks)
         except Exception as error:  # an exotic forward must not stop training; FLOPs are then reported as unknown
-            warnings.warn(f'IMP: could not count MACs with torch-pruning ({error}); FLOPs will not be reported')
+            warnings.warn(f'IMP: could not count MACs with torch-pruning ({type(error).__name__}: {error}); FLOPs will '
+                          'not be reported')
             dense, per_weight = 0.0, {}
         self._macs = {'dense': dense, 'weights': per_weight} if dense else {}
 
-    def _masked_parameters(self, state: State) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _pruned_parameters(self, state: State) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, True-where-pruned) pairs, built once per level: the hot path allocates nothing."""
         if self._masked_params is None:
             params = dict(unwrap_model(state).named_parameters())
-            self._masked_params = [(params[name], mask) for name, mask in self._masks.items()]
+            self._masked_params = [(params[name], ~mask) for name, mask in self._masks.items() if not mask.all()]
         return self._masked_params
 
     # ------------------------------------------------------------------ rewind point

@@ -1,0 +1,223 @@
+"""Error barriers along the straight line between two networks, and the matching rule. Pure torch, no Composer.
+
+Two conventions (science.md §3.1), both over the error curve E(alpha) of w(alpha) = (1 - alpha) * w_a + alpha * w_b:
+
+- ``barrier_linear`` = max_alpha [E(alpha) - ((1 - alpha) * E(0) + alpha * E(1))]: 0 for a path whose error is linear
+  in alpha, so endpoints with different errors (successive IMP levels) are not penalised for that difference.
+- ``barrier_max_minus_mean`` = max_alpha E(alpha) - (E(0) + E(1)) / 2 (Frankle et al. 2020, "instability"): at least
+  |E(0) - E(1)| / 2, meant for exchangeable endpoints (two SGD-noise copies of one level).
+
+Errors are fractions (0.02 = 2 percentage points), so barriers and tolerances are absolute fractions too.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from composer_imp.functional.interpolate import (
+    check_endpoints,
+    load_interpolated_,
+    recompute_batchnorm,
+    training_mode,
+)
+from composer_imp.functional.rewind import rewind, snapshot
+
+__all__ = [
+    'BN_MODES',
+    'DEFAULT_NUM_ALPHAS',
+    'alpha_grid',
+    'barrier_linear',
+    'barrier_max_minus_mean',
+    'classification_error',
+    'error_and_loss',
+    'error_barrier',
+    'error_curve',
+    'is_matching',
+]
+
+BN_MODES = ('interpolate', 'recompute')
+DEFAULT_NUM_ALPHAS = 11  # 0, 0.1, ..., 1
+
+Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float]
+
+
+def alpha_grid(alphas: int | Sequence[float] | None = None) -> list[float]:
+    """The interpolation grid, sorted: ``None`` -> 11 evenly spaced points, an int ``n`` -> ``n`` evenly spaced points
+    from 0 to 1, a sequence -> itself. Raises ``ValueError`` if it lacks 0 or 1 or leaves [0, 1]."""
+    alphas = DEFAULT_NUM_ALPHAS if alphas is None else alphas
+    if isinstance(alphas, int) and not isinstance(alphas, bool):
+        if alphas < 2:
+            raise ValueError(f'alphas: {alphas} points cannot include both endpoints; use at least 2')
+        return [i / (alphas - 1) for i in range(alphas)]
+    grid = sorted(float(a) for a in alphas)
+    outside = [a for a in grid if not 0.0 <= a <= 1.0]
+    if outside:
+        raise ValueError(f'alphas: {outside} leave [0, 1]; the path runs from state_a (0) to state_b (1)')
+    if 0.0 not in grid or 1.0 not in grid:
+        raise ValueError(f'alphas: {grid} must include both endpoints 0 and 1, which every barrier is measured against')
+    return grid
+
+
+def _curve(alphas: Sequence[float], errors: Sequence[float]) -> tuple[list[tuple[float, float]], float, float]:
+    if len(alphas) != len(errors):
+        raise ValueError(f'errors: {len(errors)} values for {len(alphas)} alphas')
+    curve = [(float(a), float(e)) for a, e in zip(alphas, errors)]
+    ends = {a: e for a, e in curve if a in (0.0, 1.0)}
+    if len(ends) != 2:
+        raise ValueError('alphas: must include both endpoints 0 and 1')
+    return curve, ends[0.0], ends[1.0]
+
+
+def barrier_linear(alphas: Sequence[float], errors: Sequence[float]) -> float:
+    """max over alpha of E(alpha) - ((1 - alpha) * E(0) + alpha * E(1)); never negative (the endpoints give 0)."""
+    curve, e0, e1 = _curve(alphas, errors)
+    return max(e - ((1.0 - a) * e0 + a * e1) for a, e in curve)
+
+
+def barrier_max_minus_mean(alphas: Sequence[float], errors: Sequence[float]) -> float:
+    """max over alpha of E(alpha) - (E(0) + E(1)) / 2 (Frankle et al. 2020)."""
+    curve, e0, e1 = _curve(alphas, errors)
+    return max(e for _, e in curve) - 0.5 * (e0 + e1)
+
+
+def is_matching(error: float, dense_error: float, tolerance: float) -> bool:
+    """A sparse network is *matching* when its error is at most the dense (level-0) error plus ``tolerance``."""
+    return error <= dense_error + tolerance
+
+
+def classification_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fraction of the batch whose arg-max class is not the target (targets are class indices)."""
+    return (outputs.argmax(dim=1) != targets).double().mean()
+
+
+def _on(device: torch.device, value: torch.Tensor | float) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+def error_and_loss(outputs_and_targets: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   error_fn: Scorer = classification_error, loss_fn: Scorer = F.cross_entropy,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
+    """Sample-weighted mean of ``error_fn`` and ``loss_fn`` (both batch means) over ``(outputs, targets)`` pairs.
+
+    ``reduce`` returns the running totals (errors, loss, samples; float64) summed across processes, applied before
+    the division so that every process gets the same two numbers. Raises ``ValueError`` when no sample was seen.
+    """
+    errors, losses, sizes = [], [], []
+    for outputs, targets in outputs_and_targets:
+        # Per-batch values stay on the device, unsummed: no host sync and no extra kernels per batch.
+        errors.append(_on(targets.device, error_fn(outputs, targets)))
+        losses.append(_on(targets.device, loss_fn(outputs, targets)))
+        sizes.append(float(targets.shape[0]))
+    totals = None
+    if sizes:
+        weights = torch.tensor(sizes, dtype=torch.float64).to(errors[0].device)
+        totals = torch.stack([torch.stack(errors).double() @ weights, torch.stack(losses).double() @ weights,
+                              weights.sum()])
+    if reduce is not None:
+        # Every process takes part, even one without batches, or the collective would hang.
+        totals = reduce(torch.zeros(3, dtype=torch.float64) if totals is None else totals)
+    if totals is None or float(totals[2]) == 0:
+        raise ValueError('dataloader: yielded no samples; the barrier needs a non-empty, re-iterable dataloader')
+    error, loss, size = totals.tolist()
+    return error / size, loss / size
+
+
+def error_curve(model: nn.Module, state_a: Mapping[str, Any], state_b: Mapping[str, Any],
+                alphas: int | Sequence[float] | None, evaluate: Callable[[nn.Module], tuple[float, float]],
+                recalibrate: Callable[[nn.Module], Any] | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` at every alpha of the path from ``state_a`` to ``state_b``, writing the weights in place.
+
+    ``evaluate(model) -> (error, loss)`` scores the weights currently in ``model``; ``recalibrate(model)``, if given,
+    runs after each point is loaded and before it is scored (BatchNorm re-estimation). Leaves the last point (alpha
+    = 1) in ``model``. Returns ``{'alphas', 'errors', 'losses', 'barrier_linear', 'barrier_max_minus_mean'}``.
+    """
+    grid = alpha_grid(alphas)
+    check_endpoints(state_a, state_b, model)
+    errors, losses = [], []
+    for alpha in grid:
+        load_interpolated_(model, state_a, state_b, alpha)
+        if recalibrate is not None:
+            recalibrate(model)
+        error, loss = evaluate(model)
+        errors.append(error)
+        losses.append(loss)
+    return {
+        'alphas': grid,
+        'errors': errors,
+        'losses': losses,
+        'barrier_linear': barrier_linear(grid, errors),
+        'barrier_max_minus_mean': barrier_max_minus_mean(grid, errors),
+    }
+
+
+def _check_not_empty(name: str, loader: Iterable[Any]) -> None:
+    try:
+        empty = len(loader) == 0  # type: ignore[arg-type]
+    except TypeError:
+        return  # no length: an empty pass raises in error_and_loss instead
+    if empty:
+        raise ValueError(f'{name}: is empty; it must yield at least one batch')
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+
+
+@torch.no_grad()
+def error_barrier(model: nn.Module, state_a: Mapping[str, Any], state_b: Mapping[str, Any],
+                  dataloader: Iterable[tuple[torch.Tensor, torch.Tensor]], alphas: int | Sequence[float] | None = None,
+                  bn: str = 'interpolate', bn_loader: Iterable[Any] | None = None, bn_batches: int = 16,
+                  device: torch.device | str | None = None, error_fn: Scorer = classification_error,
+                  loss_fn: Scorer = F.cross_entropy) -> dict[str, Any]:
+    """Error and loss along w(alpha) = (1 - alpha) * state_a + alpha * state_b, and both barriers.
+
+    Args:
+        model: a plain module with the architecture of both state dicts; its own weights and train/eval flags are
+            restored afterwards. Evaluated in eval mode without gradients.
+        state_a, state_b: full state dicts (weights, biases, norm parameters, running statistics) of the endpoints.
+        dataloader: re-iterable ``(inputs, targets)`` batches (a ``DataLoader`` or a list); iterated once per alpha.
+        alphas: ``None`` (11 evenly spaced points), a number of evenly spaced points, or explicit values in [0, 1]
+            including 0 and 1.
+        bn: ``'interpolate'`` keeps the interpolated BatchNorm statistics; ``'recompute'`` re-estimates them at every
+            alpha on ``bn_batches`` batches of ``bn_loader`` (train data), in train mode (no-op without BatchNorm).
+        device: where batches are moved (default: the model's device; the model itself is not moved).
+        error_fn, loss_fn: ``(outputs, targets) -> batch mean``; default fraction misclassified and cross-entropy.
+
+    Returns ``{'alphas', 'errors', 'losses', 'barrier_linear', 'barrier_max_minus_mean'}``; errors and barriers are
+    fractions. Every bad input raises ``ValueError`` naming the argument before anything is evaluated.
+    """
+    grid = alpha_grid(alphas)
+    check_endpoints(state_a, state_b, model)
+    if bn not in BN_MODES:
+        raise ValueError(f'bn: {bn!r} is not allowed; use one of {BN_MODES}')
+    _check_not_empty('dataloader', dataloader)
+    if bn == 'recompute':
+        if bn_loader is None:
+            raise ValueError("bn_loader: bn='recompute' needs training batches to re-estimate BatchNorm statistics")
+        if bn_batches < 1:
+            raise ValueError(f'bn_batches: {bn_batches} is not allowed; use at least 1 batch')
+        _check_not_empty('bn_loader', bn_loader)
+
+    device = torch.device(device) if device is not None else _model_device(model)
+    reference = model.state_dict()
+    # Endpoints once on the model's device and dtype, so no point of the path allocates a tensor.
+    state_a, state_b = ({k: v.to(reference[k]) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                        for s in (state_a, state_b))
+
+    def evaluate(probe: nn.Module) -> tuple[float, float]:
+        with training_mode(probe, False):
+            return error_and_loss(((probe(x.to(device)), y.to(device)) for x, y in dataloader), error_fn, loss_fn)
+
+    def recalibrate(probe: nn.Module) -> None:
+        recompute_batchnorm(probe, itertools.islice(bn_loader, bn_batches), lambda m, batch: m(batch[0].to(device)))
+
+    original = snapshot(model)
+    try:
+        return error_curve(model, state_a, state_b, grid, evaluate, recalibrate if bn == 'recompute' else None)
+    finally:
+        rewind(model, original)
