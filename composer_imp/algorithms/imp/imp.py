@@ -138,8 +138,9 @@ class IMP(Algorithm):
         self._macs: Optional[dict[str, Any]] = None  # dense MACs per sample: {'dense': float, 'weights': {name: float}}
 
         self._last_eval: tuple[int, dict[str, float]] = (-1, {})
-        self._masked_params: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+        self._masked_params: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
         self._resolved_folder: Optional[str] = None
+        self._schedule_duration: Optional[Time] = None  # T as a Time, parsed once for the per-step scheduler view
 
     # ------------------------------------------------------------------ public, read-only
     @property
@@ -244,14 +245,20 @@ class IMP(Algorithm):
                 self._end_level(state, logger)
         elif event == Event.AFTER_TRAIN_BATCH:
             if self.mask_gradients and self._level > 0:
-                for param, pruned in self._pruned_parameters(state):
-                    if param.grad is not None:
-                        param.grad.masked_fill_(pruned, 0.0)
+                params, keep = self._keep_factors(state)
+                grads = [p.grad for p in params]
+                if params and all(g is not None for g in grads):
+                    torch._foreach_mul_(grads, keep)
+                else:
+                    for grad, factor in zip(grads, keep):
+                        if grad is not None:
+                            grad.mul_(factor)
         elif event == Event.BATCH_END:
             if self._level > 0:
-                with torch.no_grad():
-                    for param, pruned in self._pruned_parameters(state):
-                        param.masked_fill_(pruned, 0.0)
+                params, keep = self._keep_factors(state)
+                if params:
+                    with torch.no_grad():
+                        torch._foreach_mul_(params, keep)
             if self._rewind_point is None and int(state.timestamp.batch) == self._plan['rewind_batch']:
                 self._capture_rewind_point(state)
         elif event == Event.EVAL_AFTER_ALL:
@@ -411,7 +418,9 @@ class IMP(Algorithm):
                 token=token,
                 batch_in_epoch=batch % per_epoch if per_epoch else int(now.batch_in_epoch),
             )
-        return LevelView(local, Time.from_timestring(self._plan['schedule_duration']), state.dataloader_len)
+        if self._schedule_duration is None:
+            self._schedule_duration = Time.from_timestring(self._plan['schedule_duration'])
+        return LevelView(local, self._schedule_duration, state.dataloader_len)
 
     def _count_macs(self, state: State) -> None:
         batch = state.batch
@@ -420,18 +429,22 @@ class IMP(Algorithm):
         model = unwrap_model(state)
         try:
             with preserve_rng(state):
-                dense, per_weight = layer_macs(model, (batch,), int(first.shape[0]), self._masks)
+                dense, per_weight = layer_macs(model, (state.device.batch_to_device(batch),), int(first.shape[0]),
+                                               self._masks)
         except Exception as error:  # an exotic forward must not stop training; FLOPs are then reported as unknown
             warnings.warn(f'IMP: could not count MACs with torch-pruning ({type(error).__name__}: {error}); FLOPs will '
                           'not be reported')
             dense, per_weight = 0.0, {}
         self._macs = {'dense': dense, 'weights': per_weight} if dense else {}
 
-    def _pruned_parameters(self, state: State) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(parameter, True-where-pruned) pairs, built once per level: the hot path allocates nothing."""
+    def _keep_factors(self, state: State) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The partly pruned parameters and their masks as 0/1 tensors of the parameter's dtype, built once per level,
+        so that enforcing the masks is one fused multi-tensor multiply per step (pruned entries become exactly 0:
+        their gradients are zeroed before the step, so no optimizer can move them by a non-finite amount)."""
         if self._masked_params is None:
             params = dict(unwrap_model(state).named_parameters())
-            self._masked_params = [(params[name], ~mask) for name, mask in self._masks.items() if not mask.all()]
+            pruned = [name for name, mask in self._masks.items() if not mask.all()]
+            self._masked_params = ([params[n] for n in pruned], [self._masks[n].to(params[n].dtype) for n in pruned])
         return self._masked_params
 
     # ------------------------------------------------------------------ rewind point
