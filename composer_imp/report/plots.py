@@ -1,0 +1,172 @@
+"""The report's PNG plots (matplotlib, Agg backend: no display needed). Each function writes one file and returns its
+path, or ``None`` when the run holds no data for it."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import matplotlib
+
+matplotlib.use('Agg', force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+
+__all__ = ['accuracy_vs_density', 'barrier_per_level', 'interpolation_paths', 'adaptive_fractions',
+           'instability_curve', 'PLOT_FILES']
+
+PLOT_FILES = {
+    'accuracy': 'accuracy_vs_density.png',
+    'barrier': 'barrier_per_level.png',
+    'paths': 'interpolation_paths.png',
+    'fraction': 'adaptive_fraction.png',
+}
+
+_DPI = 110
+
+
+def _save(fig: Any, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def _percent_axis(axis: Any) -> None:
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f'{100 * v:g}%'))
+
+
+def accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str, tolerance: float,
+                        title: str = '') -> Optional[str]:
+    """Test accuracy against density (log axis, sparser to the right) with the dense level-0 band
+    [dense - tolerance, dense]: a level inside or above it is matching."""
+    points = [r for r in rows if r['density'] is not None and r['accuracy'] is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    dense = next((r for r in points if r['level'] == 0), None)
+    if dense is not None:
+        ax.axhspan(dense['accuracy'] - tolerance, dense['accuracy'], color='tab:gray', alpha=0.25,
+                   label=f'dense (level 0) − ε, ε = {100 * tolerance:g} pp')
+        ax.axhline(dense['accuracy'], color='tab:gray', lw=1)
+    accepted = [r for r in points if r['accepted']]
+    ax.plot([r['density'] for r in accepted], [r['accuracy'] for r in accepted], '-', color='tab:blue', lw=1.5,
+            zorder=2)
+    for matching, style, label in ((True, dict(mfc='tab:blue'), 'matching'),
+                                   (False, dict(mfc='white'), 'not matching')):
+        chosen = [r for r in accepted if r['level'] > 0 and bool(r['matching']) == matching]
+        if chosen:
+            ax.plot([r['density'] for r in chosen], [r['accuracy'] for r in chosen], 'o', mec='tab:blue', ms=7,
+                    label=label, zorder=3, **style)
+    if dense is not None:
+        ax.plot([dense['density']], [dense['accuracy']], 's', color='black', ms=7, label='dense', zorder=3)
+    rejected = [r for r in points if not r['accepted']]
+    if rejected:
+        ax.plot([r['density'] for r in rejected], [r['accuracy'] for r in rejected], 'x', color='tab:red', ms=8,
+                label='rejected attempt', zorder=3)
+    ax.set_xscale('log')
+    ax.invert_xaxis()
+    densities = sorted({r['density'] for r in points}, reverse=True)
+    ax.set_xticks(densities if len(densities) <= 12 else densities[::max(1, len(densities) // 10)])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{100 * v:.3g}%'))
+    ax.tick_params(axis='x', labelrotation=45)
+    _percent_axis(ax.yaxis)
+    ax.set_xlabel('density (weights remaining, log scale)')
+    ax.set_ylabel('test accuracy')
+    ax.set_title(title or 'Test accuracy vs density')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def barrier_per_level(rows: Sequence[Mapping[str, Any]], path: str, threshold: Optional[float] = None) -> Optional[str]:
+    """The linear-interpolation error barrier between level L-1 and level L, per level; matching levels filled."""
+    points = [r for r in rows if r['barrier'] is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    labels = [f'L{r["level"]}\n{100 * r["density"]:.3g}%' + ('\n(rej.)' if not r['accepted'] else '')
+              for r in points]
+    x = list(range(len(points)))
+    colors = ['tab:green' if r['matching'] else 'tab:red' if r['matching'] is not None else 'tab:gray'
+              for r in points]
+    bars = ax.bar(x, [100 * r['barrier'] for r in points], color=colors, edgecolor='black', lw=0.5)
+    for bar, row in zip(bars, points):
+        if not row['accepted']:
+            bar.set_hatch('//')
+            bar.set_alpha(0.5)
+    if threshold is not None:
+        ax.axhline(100 * threshold, color='black', ls='--', lw=1, label=f'connected threshold {100 * threshold:g} pp')
+    handles = [plt.Rectangle((0, 0), 1, 1, color='tab:green'), plt.Rectangle((0, 0), 1, 1, color='tab:red')]
+    extra, names = ax.get_legend_handles_labels()
+    ax.legend(handles + extra, ['matching', 'not matching'] + names, fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel('error barrier, level L−1 → L (pp)')
+    ax.set_title('Successive-level error barrier')
+    ax.grid(alpha=0.3, axis='y')
+    return _save(fig, path)
+
+
+def interpolation_paths(records: Sequence[Mapping[str, Any]], path: str) -> Optional[str]:
+    """Test error along the straight line from level L-1's trained network (α = 0) to level L's (α = 1)."""
+    curves = [r for r in records if isinstance(r.get('lmc/curve'), Mapping) and r['lmc/curve'].get('alphas')]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    cmap = plt.get_cmap('viridis')
+    for index, record in enumerate(curves):
+        curve = record['lmc/curve']
+        color = cmap(index / max(1, len(curves) - 1))
+        style = '-' if record.get('accepted', True) else ':'
+        label = f'L{record["level"] - 1}→L{record["level"]} ({100 * float(record["density"]):.3g}%)'
+        if not record.get('accepted', True):
+            label += ' rejected'
+        ax.plot(curve['alphas'], [100 * e for e in curve['errors']], style, marker='.', color=color, label=label)
+    ax.set_xlabel('α (0: level L−1 solution, 1: level L solution)')
+    ax.set_ylabel('test error (%)')
+    ax.set_title('Error along the linear path between successive levels')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(curves) > 8 else 1)
+    return _save(fig, path)
+
+
+def adaptive_fractions(rows: Sequence[Mapping[str, Any]], path: str, p_min: Optional[float] = None) -> Optional[str]:
+    """The fraction of remaining weights each level was pruned by, as chosen by the adaptive step."""
+    points = [r for r in rows if r['level'] > 0 and r['fraction'] is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    x = list(range(len(points)))
+    colors = ['tab:blue' if r['accepted'] else 'tab:red' for r in points]
+    bars = ax.bar(x, [r['fraction'] for r in points], color=colors, edgecolor='black', lw=0.5)
+    for bar, row in zip(bars, points):
+        if not row['accepted']:
+            bar.set_hatch('//')
+    if p_min is not None:
+        ax.axhline(p_min, color='black', ls='--', lw=1, label=f'fixed step {100 * p_min:g}%')
+    ax.set_xticks(x)
+    ax.set_xticklabels([f'L{r["level"]}' + ('\nrej.' if not r['accepted'] else '') for r in points], fontsize=7)
+    _percent_axis(ax.yaxis)
+    ax.set_ylabel('pruned (fraction of remaining weights)')
+    ax.set_title('Adaptive step: chosen fraction per level (red: rejected)')
+    ax.grid(alpha=0.3, axis='y')
+    if p_min is not None:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def instability_curve(result: Mapping[str, Any], path: str) -> Optional[str]:
+    """Test error along the path between the two children of an instability analysis."""
+    if not result.get('alphas'):
+        return None
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    ax.plot(result['alphas'], [100 * e for e in result['errors']], '-o', ms=3)
+    seeds = result.get('seeds', ['?', '?'])
+    ax.set_xlabel(f'α (0: child seed {seeds[0]}, 1: child seed {seeds[1]})')
+    ax.set_ylabel('test error (%)')
+    ax.set_title(f'Instability, level {result.get("level")}: barrier {100 * result["barrier_max_minus_mean"]:.2f} pp')
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

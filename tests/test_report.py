@@ -1,0 +1,194 @@
+"""The run report from a run folder's files: level table, matching, per-layer densities, plots, totals, loggers."""
+import json
+import os
+
+import pytest
+import yaml
+
+from composer_imp.report import build_report, level_rows, log_report
+from composer_imp.report.tables import console_header, console_row
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+ACC = 'eval/MulticlassAccuracy'
+
+
+def record(level, density, acc, barrier=None, matching=None, accepted=True, fraction=None, adaptive=False):
+    r = {
+        'level': level, 'density': density, 'nominal_density': density,
+        'layer_density': {'module.fc1.weight': density * 0.9, 'module.fc.weight': min(1.0, density * 1.5)},
+        'eval': {ACC: acc, 'eval/CrossEntropy': 1 - acc}, 'steps': 100 if level == 0 else 90,
+        'samples': 6400, 'flops': 1e9 * density, 'seconds': 2.0, 'start_batch': 0, 'end_batch': 100,
+        'stopped_early': False, 'accepted': accepted,
+    }
+    if level > 0:
+        r['step'] = {'fraction': fraction or 0.2}
+        if adaptive:
+            r['step'].update(reason='projection', cost={'samples': 64, 'flops': 1e6, 'seconds': 0.1})
+            r['verify'] = {'outcome': 'passed' if accepted else 'backoff', 'cost': {'samples': 32, 'flops': 5e5,
+                                                                                     'seconds': 0.05}}
+    if barrier is not None:
+        r['lmc/barrier'] = barrier
+        r['lmc/barrier_max_minus_mean'] = barrier + 0.01
+        r['lmc/connected'] = barrier <= 0.02
+        r['lmc/curve'] = {'alphas': [0, 0.5, 1], 'errors': [1 - acc, 1 - acc + barrier, 1 - acc], 'losses': [1, 1, 1]}
+    if matching is not None:
+        r['imp/matching'] = matching
+    return r
+
+
+FIXED = [
+    record(0, 1.0, 0.950),
+    record(1, 0.8, 0.955, barrier=0.0, matching=True),
+    record(2, 0.64, 0.951, barrier=0.004, matching=True),
+    record(3, 0.512, 0.930, barrier=0.05, matching=False),
+]
+ADAPTIVE = [
+    record(0, 1.0, 0.950),
+    record(1, 0.5, 0.952, fraction=0.5, adaptive=True),
+    record(2, 0.2, 0.900, fraction=0.6, adaptive=True, accepted=False),
+    record(2, 0.3, 0.949, fraction=0.4, adaptive=True),
+    record(3, 0.24, 0.948, fraction=0.2, adaptive=True),
+]
+
+
+def make_run(tmp_path, records, recipe=None, info=None, name='run'):
+    run = tmp_path / name
+    (run / 'imp').mkdir(parents=True)
+    with open(run / 'imp' / 'levels.jsonl', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+    if recipe is not None:
+        (run / 'recipe.yaml').write_text(yaml.safe_dump(recipe))
+    if info is not None:
+        (run / 'run.json').write_text(json.dumps(info))
+    return str(run)
+
+
+FIXED_RECIPE = {'run_name': 'fixed', 'seed': 1, 'max_duration': '4ep', 'model': {'name': 'lenet_300_100'},
+                'train_loader': {'name': 'mnist-5k'}, 'algorithms': {'imp': {'levels': 3, 'rewind_to': '10ba'}},
+                'callbacks': {'lmc_evaluator': {'threshold': 0.02, 'matching_tolerance': 0.002}}}
+
+
+def png_ok(path):
+    with open(path, 'rb') as f:
+        return f.read(8) == PNG_MAGIC and os.path.getsize(path) > 5000
+
+
+def test_the_level_table_shows_density_accuracy_matching_barrier_and_compute(tmp_path):
+    run = make_run(tmp_path, FIXED, FIXED_RECIPE, {'status': 'complete', 'hardware': 'CPU (2 cores)',
+                                                   'versions': {'torch': '2.7.0'}, 'wall_seconds': 42.0})
+    report = open(build_report(run)).read()
+    assert '| level | density | test acc | vs dense | matching | barrier | connected | pruned by | steps | seconds ' \
+           '| GFLOPs | status |' in report
+    assert '| 2 | 64.00% | 95.10% | +0.10 pp | yes | 0.40 pp | yes | 20.0% | 90 | 2.0 | 0.64 | accepted |' in report
+    assert '| 3 | 51.20% | 93.00% | -2.00 pp | no | 5.00 pp | no |' in report
+    assert '**Sparsest matching level: 2 at 64% density**' in report
+    assert 'First non-matching level: 3 at 51.2% density.' in report
+    assert 'complete: 4 of 4 planned levels.' in report and 'CPU (2 cores)' in report and '42.0 s' in report
+
+
+def test_the_per_layer_density_table_has_one_column_per_level(tmp_path):
+    report = open(build_report(make_run(tmp_path, FIXED, FIXED_RECIPE))).read()
+    assert '| layer | L0 | L1 | L2 | L3 |' in report
+    assert '| `module.fc1.weight` | 90.0% | 72.0% | 57.6% | 46.1% |' in report
+    assert '| **all prunable** | 100.0% | 80.0% | 64.0% | 51.2% |' in report
+
+
+def test_the_plots_exist_whenever_their_data_does(tmp_path):
+    run = make_run(tmp_path, FIXED, FIXED_RECIPE)
+    build_report(run)
+    plots = sorted(os.listdir(os.path.join(run, 'plots')))
+    assert plots == ['accuracy_vs_density.png', 'barrier_per_level.png', 'interpolation_paths.png']
+    assert all(png_ok(os.path.join(run, 'plots', p)) for p in plots)
+
+
+def test_a_run_without_lmc_gets_no_barrier_plots_and_a_hint(tmp_path):
+    records = [{k: v for k, v in r.items() if not k.startswith('lmc/') and k != 'imp/matching'} for r in FIXED]
+    run = make_run(tmp_path, records, {**FIXED_RECIPE, 'callbacks': {}})
+    report = open(build_report(run)).read()
+    assert os.listdir(os.path.join(run, 'plots')) == ['accuracy_vs_density.png']
+    assert 'add `callbacks: {lmc_evaluator: {}}`' in report
+    # Matching then comes from the accuracies and the default tolerance of 0.2 points.
+    assert [r['matching'] for r in level_rows(records)] == [None, True, True, False]
+
+
+def test_an_adaptive_run_marks_rejected_attempts_and_plots_the_chosen_fractions(tmp_path):
+    recipe = {**FIXED_RECIPE, 'algorithms': {'imp': {'target_density': 0.25},
+                                             'adaptive_sparsity_step': {'p_min': 0.2}}}
+    run = make_run(tmp_path, ADAPTIVE, recipe)
+    report = open(build_report(run)).read()
+    assert png_ok(os.path.join(run, 'plots', 'adaptive_fraction.png'))
+    assert '(plots/adaptive_fraction.png)' in report
+    assert '| ~~2~~ | ~~20.00%~~ |' in report and 'rejected (back-off)' in report
+    assert '60.0% (projection)' in report
+    assert '| 5 | 4 | 1 | 460 |' in report  # trainings, accepted, rejected, steps
+    assert 'this run trained 5 times (1 rejected) in 460 steps: 37.0% fewer training steps' in report
+    assert 'A fixed 20% step needs 7 pruned levels to reach 24% density (8 trainings, 730 steps)' in report
+    assert 'complete: 4 levels, density 24%' in report
+
+
+def test_a_fixed_run_gets_no_adaptive_plot(tmp_path):
+    run = make_run(tmp_path, FIXED, FIXED_RECIPE)
+    build_report(run)
+    assert not os.path.exists(os.path.join(run, 'plots', 'adaptive_fraction.png'))
+
+
+def test_an_interrupted_run_reports_what_finished_and_drops_stale_plots(tmp_path):
+    run = make_run(tmp_path, FIXED, FIXED_RECIPE)
+    build_report(run)
+    with open(os.path.join(run, 'imp', 'levels.jsonl'), 'w') as f:
+        f.write(json.dumps(FIXED[0]) + '\n{"level": 1, "torn')
+    report = open(build_report(run)).read()
+    assert 'interrupted (stopped): 1 of 4 planned levels finished.' in report
+    assert os.listdir(os.path.join(run, 'plots')) == ['accuracy_vs_density.png']
+
+
+def test_a_run_killed_before_its_first_level_still_gets_a_report(tmp_path):
+    run = make_run(tmp_path, [], FIXED_RECIPE, {'status': 'running'})
+    report = open(build_report(run)).read()
+    assert '_No level has finished yet._' in report and 'interrupted or still running: 0 of 4' in report
+
+
+def test_instability_results_are_added_to_the_report(tmp_path):
+    run = make_run(tmp_path, FIXED, FIXED_RECIPE)
+    os.makedirs(os.path.join(run, 'imp', 'level_2'))
+    result = {'level': 2, 'density': 0.64, 'seeds': [1, 2], 'alphas': [0, 0.5, 1], 'errors': [0.05, 0.08, 0.051],
+              'losses': [0.2, 0.3, 0.2], 'barrier_linear': 0.0295, 'barrier_max_minus_mean': 0.0295,
+              'threshold': 0.02, 'stable': False, 'bn': 'interpolate'}
+    with open(os.path.join(run, 'imp', 'level_2', 'instability_seeds_1_2.json'), 'w') as f:
+        json.dump(result, f)
+    report = open(build_report(run)).read()
+    assert '## Instability analysis' in report
+    assert '| 2 | 64% | 1, 2 | 2.95 pp | 2.95 pp | 2 pp | no | 5.00%, 5.10% |' in report
+    assert png_ok(os.path.join(run, 'plots', 'instability_level_2_seeds_1_2.png'))
+
+
+def test_build_report_rejects_a_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match='run_dir'):
+        build_report(str(tmp_path / 'missing'))
+
+
+def test_the_console_rows_line_up_with_the_header():
+    rows = level_rows(FIXED)
+    header, line = console_header(), console_row(rows[2])
+    assert header.index('density') + len('density') == line.index('64.00%') + len('64.00%')
+    assert line.split()[:5] == ['2', '64.00%', '95.10%', '+0.10', 'pp']
+
+
+class RecordingLogger:
+    def __init__(self):
+        self.tables, self.metrics = {}, {}
+
+    def log_table(self, columns, rows, name='Table', step=None):
+        self.tables[name] = (columns, rows)
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+
+def test_the_table_and_totals_go_to_every_logger():
+    logger = RecordingLogger()
+    log_report(logger, FIXED)
+    columns, rows = logger.tables['imp/levels']
+    assert columns[:3] == ['level', 'density', 'test acc'] and len(rows) == 4 and rows[2][1] == '64.00%'
+    assert logger.metrics['imp/total/levels'] == 4 and logger.metrics['imp/total/steps'] == 370
+    assert logger.metrics['imp/sparsest_matching_density'] == 0.64
