@@ -161,7 +161,7 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), adaptive_kwargs: Optional[dict[str, 
         summary['step_ratio'] = steps['adaptive'] / steps['fixed']
         summary['fewer_steps'] = 1.0 - summary['step_ratio']
         summary['goal_met'] = summary['fewer_steps'] >= 0.4 and all(by[('adaptive', s)]['matching'] for s in seeds)
-    return {
+    result = {
         'recipe': dict(RECIPE),
         'adaptive_kwargs': {**ADAPTIVE_KWARGS, **(adaptive_kwargs or {})},
         'runs': runs,
@@ -170,6 +170,23 @@ def run(seeds: tuple[int, ...] = (0, 1, 2), adaptive_kwargs: Optional[dict[str, 
                                     f'{os.cpu_count()} CPU cores', 'torch': torch.__version__,
                         'python': platform.python_version()},
     }
+    if 'step_ratio' in summary:  # headline scalars first, for benchmarks/run_all.py's printout
+        totals = {m: {k: sum(r[k] for r in runs if r['method'] == m) for k in ('steps', 'wall_s', 'flops')}
+                  for m in methods}
+        headline = {
+            'fixed_steps': totals['fixed']['steps'],
+            'adaptive_steps': totals['adaptive']['steps'],
+            'step_ratio': summary['step_ratio'],
+            'fewer_steps': summary['fewer_steps'],
+            'wall_ratio': totals['adaptive']['wall_s'] / totals['fixed']['wall_s'],
+            'flops_ratio': totals['adaptive']['flops'] / totals['fixed']['flops'],
+            'adaptive_matching': f"{sum(by[('adaptive', s)]['matching'] for s in seeds)}/{len(seeds)}",
+            'fixed_matching': f"{sum(by[('fixed', s)]['matching'] for s in seeds)}/{len(seeds)}",
+            'goal_met': summary['goal_met'],
+        }
+        result = {**headline, **result}
+    result['table'] = markdown(result)
+    return result
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -206,7 +223,7 @@ if __name__ == '__main__':
     for row in result['runs']:
         print(json.dumps({k: row[k] for k in ('method', 'seed', 'levels', 'rejected', 'steps', 'final_test_acc',
                                               'dense_test_acc', 'fractions', 'densities', 'test_accs')}))
-    print(markdown(result))
+    print(result['table'])
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(result, f, indent=1, default=float)

@@ -226,10 +226,19 @@ def test_without_validation_data_it_uses_the_lmc_evaluator_and_says_so(tmp_path)
     ({'backoff_on': 'loss'}, 'backoff_on'),
     ({'probe_samples': 0}, 'probe_samples'),
     ({'max_backoffs': 0}, 'max_backoffs'),
+    ({'max_levels': 0}, 'max_levels'),
 ])
 def test_bad_arguments_raise_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdaptiveSparsityStep(**kwargs)
+
+
+def test_max_levels_bounds_the_run_before_the_target_density(tmp_path):
+    _, val, _ = loaders()
+    trainer, imp = run(tmp_path, AdaptiveSparsityStep(val_dataloader=val, max_levels=1), target=0.01)
+    accepted = [r for r in imp.history if r['accepted']]
+    assert [r['level'] for r in accepted] == [0, 1] and imp.density > 0.01
+    assert int(trainer.state.timestamp.batch) == sum(r['steps'] for r in imp.history)
 
 
 def test_imp_without_target_density_is_rejected():

@@ -140,3 +140,12 @@ def test_apply_masks_gives_exact_zeros_and_rewind_is_bit_exact():
     apply_masks(net, masks)
     with pytest.raises(ValueError, match='rewind point'):
         rewind(net, {k: v for k, v in point.items() if k != 'fc.bias'})
+
+
+def test_the_functional_core_imports_nothing_from_composer():
+    import subprocess
+    import sys
+    code = ('import sys, composer_imp.functional; '
+            'bad = [m for m in sys.modules if m == "composer" or m.startswith("composer.")]; '
+            'assert not bad, bad')
+    subprocess.run([sys.executable, '-c', code], check=True)

@@ -1,15 +1,5 @@
-"""Pure torch core of composer_imp: masks, rewinding, interpolation and error barriers. Imports nothing from Composer."""
-from composer_imp.functional.masks import (
-    alive_count,
-    apply_masks,
-    density,
-    layer_densities,
-    magnitude_masks,
-    mask_gradients,
-    masks_at_density,
-    prunable_weights,
-)
-from composer_imp.functional.rewind import rewind, rewind_optimizer, snapshot, snapshot_optimizer
+"""Pure torch core of composer_imp: masks, rewinding, interpolation, error barriers, projection checks, FLOPs and
+ticket files. Imports nothing from Composer."""
 from composer_imp.functional.barrier import (
     alpha_grid,
     barrier_linear,
@@ -20,36 +10,51 @@ from composer_imp.functional.barrier import (
     is_matching,
 )
 from composer_imp.functional.interpolate import interpolate_state, load_interpolated_, recompute_batchnorm
-
-__all__ = [
-    'alpha_grid',
-    'barrier_linear',
-    'barrier_max_minus_mean',
-    'classification_error',
-    'error_barrier',
-    'error_curve',
-    'is_matching',
-    'interpolate_state',
-    'load_interpolated_',
-    'recompute_batchnorm',
-    'alive_count',
-    'apply_masks',
-    'density',
-    'layer_densities',
-    'magnitude_masks',
-    'mask_gradients',
-    'masks_at_density',
-    'prunable_weights',
-    'rewind',
-    'rewind_optimizer',
-    'snapshot',
-    'snapshot_optimizer',
-]
+from composer_imp.functional.masks import (
+    alive_count,
+    apply_masks,
+    density,
+    layer_densities,
+    magnitude_masks,
+    mask_gradients,
+    masks_at_density,
+    prunable_weights,
+)
 from composer_imp.functional.projection import (
     check_fraction_range,
     max_prune_fraction,
     projection_scores,
     search_fraction,
 )
+from composer_imp.functional.rewind import rewind, rewind_optimizer, snapshot, snapshot_optimizer
+from composer_imp.functional.ticket import load_ticket
 
-__all__ += ['check_fraction_range', 'max_prune_fraction', 'projection_scores', 'search_fraction']
+__all__ = [
+    'alive_count',
+    'alpha_grid',
+    'apply_masks',
+    'barrier_linear',
+    'barrier_max_minus_mean',
+    'check_fraction_range',
+    'classification_error',
+    'density',
+    'error_barrier',
+    'error_curve',
+    'interpolate_state',
+    'is_matching',
+    'layer_densities',
+    'load_interpolated_',
+    'load_ticket',
+    'magnitude_masks',
+    'mask_gradients',
+    'masks_at_density',
+    'max_prune_fraction',
+    'projection_scores',
+    'prunable_weights',
+    'recompute_batchnorm',
+    'rewind',
+    'rewind_optimizer',
+    'search_fraction',
+    'snapshot',
+    'snapshot_optimizer',
+]

@@ -82,6 +82,8 @@ class AdaptiveSparsityStep(SparsityStep):
             level counts as failed, so that validation noise alone rarely triggers a back-off (0: none).
         alphas: interpolation points of the verification barrier (an int, or values including 0 and 1).
         max_backoffs: retries of one level before it is accepted at ``p_min`` (>= 1).
+        max_levels: stop after this many accepted pruned levels even if ``target_density`` is not reached (a compute
+            bound; the report then says the target was not reached). ``None``: no bound.
 
     Everything the step decides goes into ``levels.jsonl``: the level's ``step`` (fraction, reason, candidates with
     probe error/loss and delta, back-off count, check cost) and ``verify`` (validation error, dense error, noise
@@ -108,6 +110,7 @@ class AdaptiveSparsityStep(SparsityStep):
         noise_z: float = 1.0,
         alphas: Any = 5,
         max_backoffs: int = 2,
+        max_levels: Optional[int] = None,
     ):
         super().__init__()
         check_fraction_range(p_min, p_max, projection_tolerance, resolution,
@@ -125,6 +128,10 @@ class AdaptiveSparsityStep(SparsityStep):
             raise ValueError(f'noise_z: {noise_z!r} is not allowed; use a number of standard errors >= 0 (0: none)')
         if isinstance(max_backoffs, bool) or not isinstance(max_backoffs, int) or max_backoffs < 1:
             raise ValueError(f'max_backoffs: {max_backoffs!r} is not allowed; use an integer >= 1')
+        if max_levels is not None and (isinstance(max_levels, bool) or not isinstance(max_levels, int) or
+                                       max_levels < 1):
+            raise ValueError(f'max_levels: {max_levels!r} is not allowed; use None or an integer >= 1')
+        self.max_levels = max_levels
         self.alphas = alpha_grid(alphas)
         self.p_min = float(p_min)
         self.p_max = float(p_max)
@@ -285,6 +292,9 @@ class AdaptiveSparsityStep(SparsityStep):
             if checks.get(name) is not None:
                 record[f'adaptive/{name}'] = bool(checks[name])
         return accepted
+
+    def finished(self, imp: 'IMP') -> bool:
+        return self.max_levels is not None and imp.level >= self.max_levels
 
     def planned_levels(self, density: float, target_density: float) -> int:
         """An upper bound: levels at ``p_min`` (IMP extends or shortens the run as the real steps are chosen)."""

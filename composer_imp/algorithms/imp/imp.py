@@ -25,6 +25,7 @@ from composer_imp.algorithms.imp.schedule import LevelView, make_level_relative
 from composer_imp.algorithms.imp.sparsity_step import FixedStep, SparsityStep
 from composer_imp.evaluation import eval_metric_values, evaluate, preserve_rng, unwrap_model
 from composer_imp.functional import (
+    alive_count,
     apply_masks,
     density,
     layer_densities,
@@ -167,6 +168,11 @@ class IMP(Algorithm):
     def previous_level_state(self) -> Optional[dict[str, torch.Tensor]]:
         """Trained state_dict of the last accepted level (the current level's parent), when a hook asked for it."""
         return self._previous_level_state
+
+    @property
+    def parent_masks(self) -> Optional[dict[str, torch.Tensor]]:
+        """Masks of the last accepted level (what a rejected level is rolled back to)."""
+        return self._previous_masks
 
     @property
     def rewind_batch(self) -> Optional[int]:
@@ -534,10 +540,12 @@ class IMP(Algorithm):
         self._set_max_duration(state, int(now.batch) + (1 + self._remaining_levels()) * self._level_len())
 
     def _finished(self) -> bool:
+        if self.sparsity_step.finished(self):
+            return True
         if self.levels is not None:
             return self._level >= self.levels
         keep_at_target = round(self.target_density * sum(m.numel() for m in self._masks.values()))
-        return sum(int(m.sum()) for m in self._masks.values()) <= keep_at_target
+        return alive_count(self._masks) <= keep_at_target
 
     def _rewind(self, state: State) -> None:
         """Weights and buffers to the rewind point under the new mask; optimizer, LR and schedulers as at step k."""

@@ -41,6 +41,10 @@ class SparsityStep:
     def accept(self, state: State, imp: 'IMP', record: dict[str, Any], logger: Logger) -> bool:
         return True
 
+    def finished(self, imp: 'IMP') -> bool:
+        """True to end the run after the level just accepted, before IMP's own ``levels``/``target_density`` rule."""
+        return False
+
     def planned_levels(self, density: float, target_density: float) -> int:
         """A guess of the levels still to train (sets the Trainer's total duration for its progress bar)."""
         return 1
