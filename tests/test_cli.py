@@ -14,7 +14,7 @@ from composer.core import Callback
 
 from composer_imp import cli
 from composer_imp.recipes import REGISTRIES, load_recipe
-from test_recipes import streaming_env, write_cifar  # noqa: F401  (streaming_env is a fixture)
+from test_recipes import write_cifar
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 

@@ -1,6 +1,5 @@
 """Data sets and loaders: MNIST-5k split, CIFAR/ImageNet folders, errors, MDS round trips through streaming."""
 import pickle
-import tempfile
 
 import numpy as np
 import pytest
@@ -45,19 +44,6 @@ def write_cifar(root, name, per_file=4, seed=0):
 def normalised(images, name):
     mean, std = (torch.tensor(v).view(-1, 1, 1) for v in NORMALIZATION[name])
     return (torch.tensor(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
-
-
-@pytest.fixture
-def streaming_env(tmp_path, monkeypatch):
-    """Streaming's gotchas: stale shared memory from earlier runs, and file locks in the global temp dir."""
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
-    lock_dir = tmp_path / 'tmp'
-    lock_dir.mkdir()
-    monkeypatch.setenv('TMPDIR', str(lock_dir))
-    monkeypatch.setattr(tempfile, 'tempdir', str(lock_dir))
-    return tmp_path
 
 
 def stream_all(root, dataset, split, batch_size=8):

@@ -3,7 +3,6 @@ import glob
 import importlib.metadata
 import os
 import pickle
-import tempfile
 import tomllib
 
 import numpy as np
@@ -49,19 +48,6 @@ def write_imagefolder(root, classes=2, per_class=2):
                 pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(os.path.join(root, split, f'class{c}', f'{i}.png'))
     return root
-
-
-@pytest.fixture
-def streaming_env(tmp_path, monkeypatch):
-    """Streaming's test gotchas: stale shared memory, and file locks in the global temp dir."""
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
-    lock_dir = tmp_path / 'locks'
-    lock_dir.mkdir()
-    monkeypatch.setenv('TMPDIR', str(lock_dir))
-    monkeypatch.setattr(tempfile, 'tempdir', str(lock_dir))
-    return tmp_path
 
 
 @pytest.fixture(scope='module')

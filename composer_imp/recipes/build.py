@@ -189,49 +189,41 @@ def _section(recipe: Mapping[str, Any], section: str) -> dict[str, Any]:
     return dict(recipe.get(section) or {})
 
 
+# Arguments that name a path: relative to the run folder, with a default inside it. (section, name) -> (arg, default)
+RUN_PATHS = {
+    ('algorithms', 'imp'): ('folder', 'imp'),
+    ('callbacks', 'checkpoint_saver'): ('folder', 'checkpoints'),
+    ('loggers', 'file'): ('filename', os.path.join('logs', 'rank{rank}.txt')),
+    ('loggers', 'tensorboard'): ('log_dir', 'tensorboard'),
+}
+
+
+def _build_section(recipe: Mapping[str, Any], section: str, run: str, skip: tuple[str, ...] = (),
+                   extra: Optional[Mapping[str, Mapping[str, Any]]] = None) -> list[Any]:
+    """Construct every ``{name: kwargs}`` entry of ``algorithms``, ``callbacks`` or ``loggers`` from its registry."""
+    built = []
+    for name, kwargs in _section(recipe, section).items():
+        if name in skip:
+            continue
+        path = f'{section}.{name}'
+        kwargs = _kwargs(recipe, path, kwargs)
+        if (section, name) in RUN_PATHS:
+            argument, default = RUN_PATHS[section, name]
+            kwargs[argument] = _in_run(run, kwargs.get(argument), default)
+        kwargs.update((extra or {}).get(name, {}))
+        built.append(_construct(path, REGISTRIES[section].get(name), kwargs))
+    return built
+
+
 def _build_algorithms(recipe: Mapping[str, Any], run: str) -> list[Any]:
+    """Composer algorithms and IMP; ``adaptive_sparsity_step`` is not an algorithm but IMP's ``sparsity_step``."""
     entries = _section(recipe, 'algorithms')
-    step = None
+    extra = {}
     if 'adaptive_sparsity_step' in entries:
         path = 'algorithms.adaptive_sparsity_step'
-        step = _construct(path, REGISTRIES['algorithms'].get('adaptive_sparsity_step'),
-                          _kwargs(recipe, path, entries['adaptive_sparsity_step']))
-    algorithms = []
-    for name, kwargs in entries.items():
-        if name == 'adaptive_sparsity_step':
-            continue
-        path = f'algorithms.{name}'
-        kwargs = _kwargs(recipe, path, kwargs)
-        if name == 'imp':
-            kwargs['folder'] = _in_run(run, kwargs.get('folder'), 'imp')
-            if step is not None:
-                kwargs['sparsity_step'] = step
-        algorithms.append(_construct(path, REGISTRIES['algorithms'].get(name), kwargs))
-    return algorithms
-
-
-def _build_callbacks(recipe: Mapping[str, Any], run: str) -> list[Any]:
-    callbacks = []
-    for name, kwargs in _section(recipe, 'callbacks').items():
-        path = f'callbacks.{name}'
-        kwargs = _kwargs(recipe, path, kwargs)
-        if name == 'checkpoint_saver':
-            kwargs['folder'] = _in_run(run, kwargs.get('folder'), 'checkpoints')
-        callbacks.append(_construct(path, REGISTRIES['callbacks'].get(name), kwargs))
-    return callbacks
-
-
-def _build_loggers(recipe: Mapping[str, Any], run: str) -> list[Any]:
-    loggers = []
-    for name, kwargs in _section(recipe, 'loggers').items():
-        path = f'loggers.{name}'
-        kwargs = _kwargs(recipe, path, kwargs)
-        if name == 'file':
-            kwargs['filename'] = _in_run(run, kwargs.get('filename'), os.path.join('logs', 'rank{rank}.txt'))
-        elif name == 'tensorboard':
-            kwargs['log_dir'] = _in_run(run, kwargs.get('log_dir'), 'tensorboard')
-        loggers.append(_construct(path, REGISTRIES['loggers'].get(name), kwargs))
-    return loggers
+        extra['imp'] = {'sparsity_step': _construct(path, REGISTRIES['algorithms'].get('adaptive_sparsity_step'),
+                                                    _kwargs(recipe, path, entries['adaptive_sparsity_step']))}
+    return _build_section(recipe, 'algorithms', run, skip=('adaptive_sparsity_step',), extra=extra)
 
 
 def _build_schedulers(recipe: Mapping[str, Any]) -> list[Any]:
@@ -299,8 +291,8 @@ def build_trainer(recipe: Any, *, overrides: Sequence[str] = (), model: Any = No
         optimizer = optimizer_cls(model.parameters(), **optimizer_spec)
     schedulers = _build_schedulers(recipe)
     algorithms = _build_algorithms(recipe, run)
-    all_callbacks = [*_build_callbacks(recipe, run), *callbacks]
-    all_loggers = [*_build_loggers(recipe, run), *loggers]
+    all_callbacks = [*_build_section(recipe, 'callbacks', run), *callbacks]
+    all_loggers = [*_build_section(recipe, 'loggers', run), *loggers]
 
     own_saver = 'checkpoint_saver' in _section(recipe, 'callbacks')
     save = recipe.get('checkpoints', True) and not own_saver

@@ -23,7 +23,7 @@ from composer.utils import dist
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from composer_imp.algorithms.imp.sparsity_step import SparsityStep
+from composer_imp.algorithms.imp.sparsity_step import SparsityStep, levels_to_density
 from composer_imp.evaluation import preserve_rng, unwrap_model
 from composer_imp.functional.barrier import alpha_grid, error_and_loss, error_curve, is_matching
 from composer_imp.functional.flops import FORWARD_FLOPS_PER_MAC, sparse_macs
@@ -298,11 +298,7 @@ class AdaptiveSparsityStep(SparsityStep):
 
     def planned_levels(self, density: float, target_density: float) -> int:
         """An upper bound: levels at ``p_min`` (IMP extends or shortens the run as the real steps are chosen)."""
-        levels, nominal = 0, density
-        while nominal > target_density * (1 + 1e-9):
-            nominal *= 1 - self.p_min
-            levels += 1
-        return levels
+        return levels_to_density(density, target_density, self.p_min)
 
     def state_dict(self) -> dict[str, Any]:
         return {

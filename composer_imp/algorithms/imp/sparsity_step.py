@@ -10,7 +10,7 @@ from composer.loggers import Logger
 if TYPE_CHECKING:
     from composer_imp.algorithms.imp.imp import IMP
 
-__all__ = ['SparsityStep', 'FixedStep']
+__all__ = ['SparsityStep', 'FixedStep', 'levels_to_density']
 
 
 class SparsityStep:
@@ -70,8 +70,13 @@ class FixedStep(SparsityStep):
         return self.prune_fraction
 
     def planned_levels(self, density: float, target_density: float) -> int:
-        levels, nominal = 0, density
-        while nominal > target_density * (1 + 1e-9):
-            nominal *= 1 - self.prune_fraction
-            levels += 1
-        return levels
+        return levels_to_density(density, target_density, self.prune_fraction)
+
+
+def levels_to_density(density: float, target_density: float, fraction: float) -> int:
+    """Levels of constant ``fraction`` that take ``density`` to ``target_density`` or below."""
+    levels, nominal = 0, density
+    while nominal > target_density * (1 + 1e-9):
+        nominal *= 1 - fraction
+        levels += 1
+    return levels
