@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Optional
 
 import torch
-from composer.core import State
-from composer.utils import model_eval_mode
+from composer.core import DataSpec, State
 from composer.core.precision import get_precision_context
+from composer.utils import dist, model_eval_mode
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
-__all__ = ['unwrap_model', 'evaluate', 'preserve_rng', 'eval_metric_values']
+__all__ = ['unwrap_model', 'evaluate', 'preserve_rng', 'seeded_rng', 'eval_metric_values', 'DeviceBatches',
+           'sum_over_ranks', 'without_persistent_workers']
 
 
 def unwrap_model(state: State) -> torch.nn.Module:
@@ -34,6 +38,55 @@ def preserve_rng(state: State) -> Iterator[None]:
     devices = [device] if device.type == 'cuda' else []
     with torch.random.fork_rng(devices=devices):
         yield
+
+
+@contextlib.contextmanager
+def seeded_rng(state: State) -> Iterator[None]:
+    """``preserve_rng`` plus a fixed seed: every call sees the same shuffled batches and augmentation draws."""
+    with preserve_rng(state):
+        torch.manual_seed(state.seed)
+        yield
+
+
+class DeviceBatches:
+    """Re-iterable batches on the run's device, inside its precision context, at most ``limit`` of them.
+
+    ``batches`` is any iterable of batches, or a ``DataSpec`` whose batch and microbatch transforms are applied.
+    """
+
+    def __init__(self, state: State, batches: Iterable[Any] | DataSpec, limit: Optional[int] = None):
+        self.state, self.limit = state, limit
+        self.spec = batches if isinstance(batches, DataSpec) else None
+        self.batches = batches.dataloader if isinstance(batches, DataSpec) else batches
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = self.batches if self.limit is None or self.limit < 0 else itertools.islice(self.batches, self.limit)
+        with get_precision_context(self.state.precision, self.state.precision_config):
+            for batch in batches:
+                if self.spec is not None:
+                    batch = self.spec.batch_transforms(batch)
+                batch = self.state.device.batch_to_device(batch)
+                yield batch if self.spec is None else self.spec.microbatch_transforms(batch)
+
+
+def sum_over_ranks(state: State) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A ``reduce`` for ``composer_imp.functional`` counters: the sum over all ranks, on the run's device."""
+
+    def reduce(totals: torch.Tensor) -> torch.Tensor:
+        totals = state.device.tensor_to_device(totals)
+        dist.all_reduce(totals, reduce_operation='SUM')
+        return totals
+
+    return reduce
+
+
+def without_persistent_workers(loader: Any) -> Any:
+    """A loader that can be iterated beside the training run: a second ``iter()`` of a persistent-workers loader would
+    reset the run's own iterator, so such a loader is mirrored without workers."""
+    if isinstance(loader, DataLoader) and loader.persistent_workers:
+        return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
+                          num_workers=0, pin_memory=loader.pin_memory)
+    return loader
 
 
 def eval_metric_values(state: State) -> dict[str, float]:

@@ -10,7 +10,6 @@ from composer.loggers import InMemoryLogger
 from composer.optim import CosineAnnealingScheduler, LinearWithWarmupScheduler
 
 from composer_imp import IMP, load_ticket
-from composer_imp.functional import prunable_weights
 from helpers import digits_loader, mlp, small_cnn
 
 

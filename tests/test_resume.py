@@ -123,3 +123,16 @@ def test_hard_killed_process_resumes_with_autoresume(tmp_path):
     assert_same((resumed['model'], resumed['masks'], resumed['steps']), (ref['model'], ref['masks'], ref['steps']))
     lines = open(tmp_path / 'run' / 'imp' / 'levels.jsonl').read().splitlines()
     assert len(lines) == 4  # nothing duplicated by the resumed run
+
+
+def test_a_checkpoint_whose_masks_do_not_fit_the_model_raises_before_training(tmp_path):
+    folder = str(tmp_path / 'run')
+    assert train(folder, Kill('batch_start', 8)) is None
+    model = small_cnn()
+    with pytest.raises(ValueError, match='checkpoint: IMP masks are for parameters'):
+        Trainer(model=model, train_dataloader=digits_loader(image=True), max_duration='6ba',
+                optimizers=torch.optim.SGD(model.parameters(), lr=0.05),
+                algorithms=[IMP(levels=3, rewind_to='2ba', ignore=['module.8.weight'],
+                                folder=os.path.join(folder, 'imp'))],
+                save_folder=os.path.join(folder, 'ckpt'), run_name='resume', autoresume=True, progress_bar=False,
+                device='cpu')

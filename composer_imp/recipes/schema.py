@@ -324,7 +324,7 @@ def validate(recipe: dict) -> None:
     if recipe.get('scheduler') is not None:
         _check_named('scheduler', recipe['scheduler'], 'schedulers')
     if recipe.get('schedulers') is not None:
-        _check(f'schedulers', isinstance(recipe['schedulers'], list), recipe['schedulers'], 'a list of {name, ...}')
+        _check('schedulers', isinstance(recipe['schedulers'], list), recipe['schedulers'], 'a list of {name, ...}')
         for index, spec in enumerate(recipe['schedulers']):
             _check_named(f'schedulers.{index}', spec, 'schedulers')
     for section in SECTIONS:

@@ -7,24 +7,29 @@ explains the algorithm, the defaults and their measurement.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from composer.core import State
-from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from composer_imp.algorithms.imp.sparsity_step import SparsityStep, levels_to_density
-from composer_imp.evaluation import preserve_rng, unwrap_model
+from composer_imp.evaluation import (
+    DeviceBatches,
+    preserve_rng,
+    seeded_rng,
+    sum_over_ranks,
+    unwrap_model,
+    without_persistent_workers,
+)
 from composer_imp.functional.barrier import alpha_grid, error_and_loss, error_curve, is_matching
 from composer_imp.functional.flops import FORWARD_FLOPS_PER_MAC, sparse_macs
 from composer_imp.functional.interpolate import training_mode
@@ -329,10 +334,10 @@ class AdaptiveSparsityStep(SparsityStep):
         probe = self._load_probe_model(state)
         masks = imp.masks
         result = max_prune_fraction(
-            probe, masks, self._device_batches(state, self._probe), p_min=self.p_min, p_max=self.p_max,
+            probe, masks, DeviceBatches(state, self._probe), p_min=self.p_min, p_max=self.p_max,
             tolerance=self.projection_tolerance, metric=self.projection_metric, resolution=self.resolution,
             candidates=self.candidates, scope=imp.scope, forward=lambda m, b: m.eval_forward(b),
-            reduce=self._reducer(state))
+            reduce=sum_over_ranks(state))
         # Cost: one forward pass over the probe per evaluation, at the density of the network evaluated.
         self._add_cost(cost, imp, result['samples'], masks)
         weights = {n: p for n, p in probe.named_parameters() if n in masks}
@@ -399,9 +404,8 @@ class AdaptiveSparsityStep(SparsityStep):
             counts = torch.tensor([float((dense & ~correct).sum()), float((~dense & correct).sum()), float(dense.numel())],
                                   dtype=torch.float64)
         flag = torch.tensor([0.0 if aligned else 1.0], dtype=torch.float64)
-        reduce = self._reducer(state)
-        if reduce is not None:
-            counts, flag = reduce(counts).cpu(), reduce(flag).cpu()
+        reduce = sum_over_ranks(state)
+        counts, flag = reduce(counts).cpu(), reduce(flag).cpu()
         worse, better, n = counts.tolist()
         if float(flag[0]) > 0 or n == 0:
             return 0.0
@@ -425,30 +429,6 @@ class AdaptiveSparsityStep(SparsityStep):
             cost['flops'] += FORWARD_FLOPS_PER_MAC * samples * sparse_macs(macs['dense'], macs['weights'],
                                                                            layer_densities(masks))
 
-    @staticmethod
-    def _reducer(state: State):
-        if dist.get_world_size() == 1:
-            return None
-
-        def reduce(totals: torch.Tensor) -> torch.Tensor:
-            totals = state.device.tensor_to_device(totals)
-            dist.all_reduce(totals, reduce_operation='SUM')
-            return totals
-
-        return reduce
-
-    @staticmethod
-    def _device_batches(state: State, batches: Iterable[Any]) -> Iterable[Any]:
-        return _DeviceBatches(state, batches)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _same_batches(state: State) -> Iterator[None]:
-        """Seed the (forked) RNG so a shuffled validation loader yields the same batches at every verification."""
-        with preserve_rng(state):
-            torch.manual_seed(state.rank_zero_seed)
-            yield
-
     def _cache_probe(self, state: State) -> list[Any]:
         world, rank = dist.get_world_size(), dist.get_global_rank()
         per_rank = math.ceil(self.probe_samples / world)
@@ -464,11 +444,7 @@ class AdaptiveSparsityStep(SparsityStep):
             subset = DataLoader(Subset(dataset, chosen), batch_size=loader.batch_size or 256, shuffle=False,
                                 collate_fn=loader.collate_fn, num_workers=0)
             return [batch for batch in subset]
-        if isinstance(loader, DataLoader) and loader.persistent_workers:
-            # A second iter() of a persistent-workers loader would reset the training run's own iterator.
-            loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
-                                num_workers=0)
-        return _first_samples(loader, per_rank)
+        return _first_samples(without_persistent_workers(loader), per_rank)
 
 
 class _ValScorer:
@@ -484,30 +460,18 @@ class _ValScorer:
         state, corrects = self.state, []
 
         def pairs():
-            for batch in _DeviceBatches(state, self.step.val_dataloader):
+            for batch in DeviceBatches(state, self.step.val_dataloader):
                 outputs, targets = model.eval_forward(batch), batch[1]
                 corrects.append((outputs.argmax(dim=1) == targets).cpu())
                 yield outputs, targets
 
-        reduce = self.step._reducer(state)
-        with training_mode(model, False), self.step._same_batches(state), torch.no_grad():
+        reduce = sum_over_ranks(state)
+        with training_mode(model, False), seeded_rng(state), torch.no_grad():
             error, loss = error_and_loss(pairs(), reduce=reduce)
         self.correct = torch.cat(corrects) if corrects else torch.zeros(0, dtype=torch.bool)
         samples = torch.tensor([float(self.correct.numel())], dtype=torch.float64)
-        self.samples = int((reduce(samples) if reduce is not None else samples)[0])
+        self.samples = int(reduce(samples)[0])
         return error, loss
-
-
-class _DeviceBatches:
-    """Re-iterable view of ``batches`` on the run's device, inside its precision context."""
-
-    def __init__(self, state: State, batches: Iterable[Any]):
-        self.state, self.batches = state, batches
-
-    def __iter__(self) -> Iterator[Any]:
-        with get_precision_context(self.state.precision, self.state.precision_config):
-            for batch in self.batches:
-                yield self.state.device.batch_to_device(batch)
 
 
 def _first_samples(loader: Iterable[Any], samples: int) -> list[Any]:

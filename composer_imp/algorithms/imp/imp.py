@@ -26,10 +26,8 @@ from composer_imp.algorithms.imp.sparsity_step import FixedStep, SparsityStep
 from composer_imp.evaluation import eval_metric_values, evaluate, preserve_rng, unwrap_model
 from composer_imp.functional import (
     alive_count,
-    apply_masks,
     density,
     layer_densities,
-    mask_gradients,
     masks_at_density,
     prunable_weights,
     rewind,

@@ -6,24 +6,26 @@ only supplies Composer-side evaluation (the run's eval data, device, precision c
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import itertools
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import torch
 from composer.core import Callback, DataSpec, State
 from composer.core.data_spec import ensure_data_spec
-from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist, model_eval_mode
 from torch import nn
-from torch.utils.data import DataLoader
 
 from composer_imp.algorithms.imp import IMP
-from composer_imp.evaluation import preserve_rng, unwrap_model
+from composer_imp.evaluation import (
+    DeviceBatches,
+    seeded_rng,
+    sum_over_ranks,
+    unwrap_model,
+    without_persistent_workers,
+)
 from composer_imp.functional import alpha_grid, error_curve, is_matching, recompute_batchnorm
 from composer_imp.functional.barrier import BN_MODES, error_and_loss
 
@@ -172,25 +174,19 @@ class LMCEvaluator(Callback):
         return self._scorer(state, evaluator.dataloader, evaluator.subset_num_batches)(model)[0]
 
     def _scorer(self, state: State, spec: DataSpec, limit: Optional[int]) -> Callable[[nn.Module], tuple[float, float]]:
-
-        def reduce(totals: torch.Tensor) -> torch.Tensor:
-            totals = state.device.tensor_to_device(totals)
-            dist.all_reduce(totals, reduce_operation='SUM')
-            return totals
+        reduce, batches = sum_over_ranks(state), DeviceBatches(state, spec, limit)
 
         def score(model: nn.Module) -> tuple[float, float]:
-            with model_eval_mode(model), self._same_batches(state):
-                pairs = ((model.eval_forward(batch), batch[1]) for batch in self._device_batches(state, spec, limit))
-                return error_and_loss(pairs, reduce=reduce)
+            with model_eval_mode(model), seeded_rng(state):
+                return error_and_loss(((model.eval_forward(batch), batch[1]) for batch in batches), reduce=reduce)
 
         return score
 
     def _recompute_batchnorm(self, state: State) -> Callable[[nn.Module], None]:
-        spec = self._train_spec(state)
+        batches = DeviceBatches(state, self._train_spec(state), self.bn_batches)
 
         def recalibrate(model: nn.Module) -> None:
-            with self._same_batches(state):
-                batches = self._device_batches(state, spec, self.bn_batches)
+            with seeded_rng(state):
                 recompute_batchnorm(model, batches, forward=lambda m, batch: m(batch))  # a ComposerModel takes it all
             # The probe is not wrapped in DDP: average the ranks' estimates (each a mean over the same batch count).
             world = dist.get_world_size()
@@ -202,21 +198,6 @@ class LMCEvaluator(Callback):
                             buffer.div_(world)
 
         return recalibrate
-
-    @staticmethod
-    def _device_batches(state: State, spec: DataSpec, limit: Optional[int]) -> Iterator[Any]:
-        batches = spec.dataloader if limit is None or limit < 0 else itertools.islice(spec.dataloader, limit)
-        for batch in batches:
-            yield spec.microbatch_transforms(state.device.batch_to_device(spec.batch_transforms(batch)))
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _same_batches(state: State) -> Iterator[None]:
-        """Inside the Trainer's precision context, fork the RNG (the run's data order stays as it was) and seed it, so
-        that every point of the path sees the same shuffled subset and the same augmentation draws."""
-        with preserve_rng(state), get_precision_context(state.precision, state.precision_config):
-            torch.manual_seed(state.seed)
-            yield
 
     def _eval_spec(self, state: State):
         evaluators = list(state.evaluators or [])
@@ -237,8 +218,5 @@ class LMCEvaluator(Callback):
         if loader is None:
             raise ValueError("train_dataloader: bn='recompute' and train_subset_batches need training batches; the "
                              'run has no train dataloader, pass one to LMCEvaluator')
-        if isinstance(loader, DataLoader) and loader.persistent_workers:
-            # A second iter() of a persistent-workers loader would reset the training run's own iterator.
-            loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
-                                num_workers=0, pin_memory=loader.pin_memory)
+        loader = without_persistent_workers(loader)
         return ensure_data_spec(loader)
