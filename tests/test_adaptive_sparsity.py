@@ -283,3 +283,37 @@ def test_two_rank_ddp_chooses_identical_fractions_on_both_ranks(tmp_path):
     # the probe and the validation split are over both ranks: the step saw every sample once
     assert steps0[1]['projection']['samples'] == 512
     assert rank0['history'][1]['verify']['val_samples'] == 300
+
+
+def test_a_killed_adaptive_run_resumes_to_the_same_decisions_masks_and_weights(tmp_path):
+    from helpers import digits_loader
+    from test_resume import FitStart, Kill
+
+    def train(folder, kill=None):
+        model = mlp()
+        step = AdaptiveSparsityStep(val_dataloader=loaders()[1], matching_tolerance=0.01)
+        trainer = Trainer(model=model, train_dataloader=digits_loader(n=1100), eval_dataloader=loaders()[2],
+                          max_duration='20ba', optimizers=torch.optim.Adam(model.parameters(), lr=0.01),
+                          algorithms=[IMP(target_density=0.2, rewind_to='2ba', folder=str(folder / 'imp'),
+                                          sparsity_step=step)],
+                          callbacks=[FitStart(), kill] if kill else [FitStart()], save_folder=str(folder / 'ckpt'),
+                          save_interval='1ba',
+                          run_name='adaptive', autoresume=True, progress_bar=False, seed=7, device='cpu')
+        try:
+            trainer.fit()
+            imp = trainer.state.algorithms[0]
+            decisions = [(r['level'], r['accepted'], r.get('step', {}).get('fraction')) for r in imp.history]
+            return decisions, imp.masks, unwrap_model(trainer.state).state_dict()
+        except KeyboardInterrupt:
+            return None
+        finally:
+            trainer.close()
+
+    reference = train(tmp_path / 'ref')
+    assert len(reference[0]) >= 3
+    assert train(tmp_path / 'run', Kill('batch_start', 30)) is None  # mid-level 1 (levels end at 20, 38, ...)
+    resumed = train(tmp_path / 'run')
+    assert FitStart.batch == 30  # it really resumed mid-level
+    assert resumed[0] == reference[0]
+    assert all(torch.equal(resumed[1][n], reference[1][n]) for n in reference[1])
+    assert all(torch.equal(resumed[2][k], reference[2][k]) for k in reference[2])
