@@ -100,7 +100,7 @@ def eval_metric_values(state: State) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(state: State, model: torch.nn.Module | None = None, max_batches: int | None = None) -> dict[str, float]:
+def evaluate(state: State, model: torch.nn.Module | None = None) -> dict[str, float]:
     """Evaluate ``model`` (default: the trained model) on every evaluator of the run.
 
     Returns ``{'<label>/<metric>': value}``, identical on every rank. ``model`` must be a ComposerModel with the same
@@ -110,21 +110,14 @@ def evaluate(state: State, model: torch.nn.Module | None = None, max_batches: in
     results: dict[str, float] = {}
     with preserve_rng(state), model_eval_mode(model):
         for evaluator in state.evaluators:
-            spec = evaluator.dataloader
             metrics = {name: copy.deepcopy(m) for name, m in state.eval_metrics[evaluator.label].items()}
             for metric in metrics.values():
                 metric.reset()
-                metric.to(state.device._device if hasattr(state.device, '_device') else 'cpu')
-            limit = max_batches if max_batches is not None else evaluator.subset_num_batches
-            for index, batch in enumerate(spec.dataloader):
-                if limit is not None and limit >= 0 and index >= limit:
-                    break
-                batch = state.device.batch_to_device(spec.batch_transforms(batch))
-                batch = spec.microbatch_transforms(batch)
-                with get_precision_context(state.precision, state.precision_config):
-                    outputs = model.eval_forward(batch)
-                    for metric in metrics.values():
-                        model.update_metric(batch, outputs, metric)
+                state.device.module_to_device(metric)
+            for batch in DeviceBatches(state, evaluator.dataloader, evaluator.subset_num_batches):
+                outputs = model.eval_forward(batch)
+                for metric in metrics.values():
+                    model.update_metric(batch, outputs, metric)
             for name, metric in metrics.items():
                 results[f'{evaluator.label}/{name}'] = float(metric.compute())
     return results

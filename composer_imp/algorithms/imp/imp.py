@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -38,8 +37,6 @@ from composer_imp.functional import (
 from composer_imp.functional.flops import TRAIN_FLOPS_PER_MAC, layer_macs, sparse_macs
 from composer_imp.functional.masks import SCOPES
 from composer_imp.functional.ticket import LEVELS_FILE, level_dir, save_level, save_rewind_point
-
-log = logging.getLogger(__name__)
 
 __all__ = ['IMP']
 
