@@ -302,7 +302,7 @@ def cmd_instability(args: argparse.Namespace) -> int:
     result = instability_analysis(make_trainer, ticket, model=model, seeds=tuple(args.seeds), alphas=args.alphas,
                                   threshold=float(lmc.get('threshold', 0.02)), bn=lmc.get('bn', 'interpolate'),
                                   bn_batches=int(lmc.get('bn_batches', 16)), eval_label=lmc.get('eval_label'),
-                                  level_dir=level_dir)
+                                  metric=lmc.get('metric'), level_dir=level_dir)
     if _rank() == 0:
         from composer_imp.report import build_report
 

@@ -2,8 +2,9 @@
 
 An open_lth-style branch run from a saved ticket: both children start from the ticket's rewind point under its mask at
 step k, train k -> T with the run's own schedule but different data order and augmentation randomness (the Trainer's
-seed), and the barrier between the two trained networks is measured on the eval data. A ticket is *stable* when
-``barrier_max_minus_mean`` (the convention for exchangeable endpoints) is at most ``threshold``.
+seed), and the barrier between the two trained networks is measured on the eval data, through the LMC evaluator's
+scoring (``composer_imp.evaluation``), on any ComposerModel. A ticket is *stable* when ``barrier_max_minus_mean`` (the
+convention for exchangeable endpoints) of the headline value is at most ``threshold``.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ def instability_analysis(
     bn_batches: int = 16,
     eval_label: Optional[str] = None,
     level_dir: Optional[str] = None,
+    metric: Optional[str] = None,
 ) -> dict[str, Any]:
     """Train the ticket twice from its rewind point with different SGD noise and measure the barrier between them.
 
@@ -125,14 +127,17 @@ def instability_analysis(
         model: a model of the run's architecture (a ComposerModel; a ticket holds no architecture); copied, never
             modified.
         alphas: interpolation grid (default 30 evenly spaced points, as Frankle et al. 2020).
-        threshold: largest ``barrier_max_minus_mean`` (absolute error; 0.02 = 2 points) still called stable.
-        bn, bn_batches, eval_label: as :class:`~composer_imp.callbacks.LMCEvaluator`.
+        threshold: largest ``barrier_max_minus_mean`` of the headline value still called stable (0.02 = 2 points
+            of error).
+        bn, bn_batches, eval_label, metric: as :class:`~composer_imp.callbacks.LMCEvaluator` (``metric``: the headline
+            value; default ``'error'``, or ``'loss'`` for a language model).
         level_dir: the analysed level's folder (``.../imp/level_<L>``); the result is written there as
             ``instability_seeds_<a>_<b>.json`` (rank 0), and nothing else is touched.
 
-    Returns the JSON-able result (``level``, ``density``, ``seeds``, ``rewind_batch``, ``alphas``, ``errors``,
-    ``losses``, ``barrier_linear``, ``barrier_max_minus_mean``, ``threshold``, ``stable``, ``bn``) plus ``children``:
-    the two trained state dicts (CPU), which are not written.
+    Returns the JSON-able result (``level``, ``density``, ``seeds``, ``rewind_batch``, ``metric`` (the headline
+    value's name), ``alphas``, ``values`` (each value's curve), ``barrier_linear`` and ``barrier_max_minus_mean`` (of
+    the headline), ``barriers`` (``{value: {'linear', 'max_minus_mean'}}``), ``threshold``, ``stable``, ``bn``) plus
+    ``children``: the two trained state dicts (CPU), which are not written.
     """
     seeds = [int(seed) for seed in seeds]
     if len(seeds) != 2 or seeds[0] == seeds[1]:
@@ -140,7 +145,8 @@ def instability_analysis(
     missing = [key for key in ('masks', 'rewind_point', 'rewind_batch', 'level') if key not in ticket]
     if missing:
         raise ValueError(f'ticket: missing {missing}; pass IMP.ticket() or composer_imp.load_ticket(level_folder)')
-    lmc = LMCEvaluator(alphas=alphas, threshold=threshold, bn=bn, bn_batches=bn_batches, eval_label=eval_label)
+    lmc = LMCEvaluator(alphas=alphas, threshold=threshold, bn=bn, bn_batches=bn_batches, eval_label=eval_label,
+                       metric=metric)
 
     children, trainer = [], None
     for seed in seeds:
@@ -160,14 +166,21 @@ def instability_analysis(
     finally:
         trainer.close()
 
+    headline = curve['metric']
     result = {
         'level': int(ticket['level']),
         'density': float(ticket['density']) if 'density' in ticket else None,
         'seeds': seeds,
         'rewind_batch': int(ticket['rewind_batch']),
-        **curve,
+        'metric': headline,
+        'alphas': curve['alphas'],
+        'values': curve['values'],
+        'barrier_linear': curve['barrier_linear'][headline],
+        'barrier_max_minus_mean': curve['barrier_max_minus_mean'][headline],
+        'barriers': {name: {'linear': curve['barrier_linear'][name],
+                            'max_minus_mean': curve['barrier_max_minus_mean'][name]} for name in curve['values']},
         'threshold': threshold,
-        'stable': curve['barrier_max_minus_mean'] <= threshold,
+        'stable': curve['barrier_max_minus_mean'][headline] <= threshold,
         'bn': bn,
     }
     if level_dir is not None and dist.get_global_rank() == 0:

@@ -99,7 +99,7 @@ def test_a_wider_flatter_network_gets_a_larger_step_than_a_narrow_one_on_the_sam
         # every decision is in the level records and the logger
         assert [v for _, v in logger.data['adaptive/fraction']] == [r['step']['fraction'] for r in imp.history[1:]]
         assert all(r['verify']['outcome'] in ('passed', 'backoff', 'failed_at_p_min') for r in imp.history[1:])
-        assert 'adaptive/val_error' in logger.data and 'adaptive/verified' in logger.data
+        assert 'adaptive/verify/error' in logger.data and 'adaptive/verified' in logger.data
         assert levels_file(tmp_path / str(hidden))[1]['step']['fraction'] == first['fraction']
     assert chosen[256] > chosen[16] + 0.1, chosen
 
@@ -174,8 +174,8 @@ def test_compute_accounting_totals_agree_with_the_trainer_counters(backoff_run):
     trainer, imp = backoff_run['trainer'], backoff_run['imp']
     totals = compute_totals(imp.history)
     assert totals['rejected'] >= 1 and totals['accepted'] + totals['rejected'] == len(imp.history)
-    assert totals['steps'] == int(trainer.state.timestamp.batch)
-    assert totals['samples'] == int(trainer.state.timestamp.sample)
+    assert totals['steps'] == imp.run_time(trainer.state)['batch']
+    assert totals['samples'] == imp.run_time(trainer.state)['sample']
     assert totals['flops'] > 0 and totals['check_samples'] > 0 and totals['check_flops'] > 0
     assert totals['seconds'] <= trainer.state.timestamp.total_wct.total_seconds() + 1e-6
     assert totals == compute_totals(levels_file(backoff_run['folder']))
@@ -192,22 +192,47 @@ def test_checkpointed_state_holds_only_plain_types_and_round_trips(backoff_run):
         return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
 
     assert plain(state)
-    assert state['dense_val_error'] is not None and state['decision'] == backoff_run['step'].decision
+    assert state['dense_value'] is not None and state['decision'] == backoff_run['step'].decision
     fresh = AdaptiveSparsityStep()
     fresh.load_state_dict(state)
     assert fresh.state_dict().keys() == state.keys()
-    assert all(fresh.state_dict()[k] == v for k, v in state.items() if k != 'dense_val_correct')
+    assert all(fresh.state_dict()[k] == v for k, v in state.items() if k != 'dense_correct')
 
 
 # ---------------------------------------------------------------------------------------------- verification source
-def test_without_validation_data_it_uses_the_lmc_evaluator_and_says_so(tmp_path):
+def test_without_validation_data_it_verifies_on_the_run_evaluator_and_says_so(tmp_path):
     step = AdaptiveSparsityStep(p_min=0.2, p_max=0.5)
     with pytest.warns(UserWarning, match='test split'):
         _, imp = run(tmp_path, step, callbacks=[LMCEvaluator(matching_tolerance=0.05)], target=0.6)
     pruned = imp.history[1:]
     assert pruned and all(r['steps'] == 20 for r in imp.history)
-    assert all(r['verify']['on'] == 'eval:eval' for r in pruned)
-    assert all(r['verify']['matching'] == r['imp/matching'] for r in pruned)
+    assert all(r['verify']['on'] == 'eval:eval' and r['verify']['metric'] == 'error' for r in pruned)
+    # One evaluation core: the step and the LMC evaluator measure the same error of the same network on that data.
+    assert all(r['verify']['value'] == r['lmc/error'] for r in pruned)
+    assert imp.history[1]['verify']['dense_value'] == imp.history[0]['lmc/error']
+
+
+def test_verification_can_be_a_callable_measuring_the_network_itself(tmp_path):
+    x, y = digits_tensors()
+    calls = []
+
+    def val_error(model):
+        calls.append((model.training, torch.is_grad_enabled()))
+        return float((model.module(x[1100:1400]).argmax(1) != y[1100:1400]).double().mean())
+
+    step = AdaptiveSparsityStep(p_min=0.2, p_max=0.5, verify_metric=val_error, max_levels=2)
+    _, imp = run(tmp_path, step, target=0.1)
+    assert len(calls) == len(imp.history)  # the dense level, then one per trained level
+    assert all(not training and not grad for training, grad in calls)  # eval mode, no gradients
+    trained = mlp()
+    for record in imp.history:
+        if record['level'] > 0:
+            assert record['verify']['on'] == 'callable' and record['verify']['metric'] == 'value'
+        if record['accepted']:  # only accepted levels are saved
+            trained.load_state_dict(torch.load(tmp_path / f'level_{record["level"]}' / 'trained.pt'))
+            with torch.no_grad():
+                measured = record['verify']['value'] if record['level'] else imp.history[1]['verify']['dense_value']
+                assert measured == val_error(trained)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -238,7 +263,7 @@ def test_max_levels_bounds_the_run_before_the_target_density(tmp_path):
     trainer, imp = run(tmp_path, AdaptiveSparsityStep(val_dataloader=val, max_levels=1), target=0.01)
     accepted = [r for r in imp.history if r['accepted']]
     assert [r['level'] for r in accepted] == [0, 1] and imp.density > 0.01
-    assert int(trainer.state.timestamp.batch) == sum(r['steps'] for r in imp.history)
+    assert imp.run_time(trainer.state)['batch'] == sum(r['steps'] for r in imp.history)
 
 
 def test_imp_without_target_density_is_rejected():
@@ -246,20 +271,23 @@ def test_imp_without_target_density_is_rejected():
         IMP(levels=3, sparsity_step=AdaptiveSparsityStep())
 
 
-def _trainer(step, train_dataloader, callbacks=()):
+def _trainer(step, train_dataloader, callbacks=(), eval_dataloader='default'):
     model = mlp()
     imp = IMP(target_density=0.5, sparsity_step=step)
-    return Trainer(model=model, train_dataloader=train_dataloader, eval_dataloader=loaders()[2], max_duration='5ba',
+    eval_dataloader = loaders()[2] if eval_dataloader == 'default' else eval_dataloader
+    return Trainer(model=model, train_dataloader=train_dataloader, eval_dataloader=eval_dataloader, max_duration='5ba',
                    optimizers=torch.optim.Adam(model.parameters()), algorithms=[imp], callbacks=list(callbacks),
                    progress_bar=False, device='cpu')
 
 
-def test_no_train_subset_and_no_validation_data_raise_when_the_trainer_is_built():
+def test_no_train_subset_and_no_verification_data_raise_when_the_trainer_is_built():
     train, val, _ = loaders()
     with pytest.raises(ValueError, match='probe_dataloader'):
         _trainer(AdaptiveSparsityStep(val_dataloader=val), train_dataloader=None)  # would come with fit()
     with pytest.raises(ValueError, match='val_dataloader'):
-        _trainer(AdaptiveSparsityStep(), train_dataloader=train)
+        _trainer(AdaptiveSparsityStep(), train_dataloader=train, eval_dataloader=None)
+    with pytest.raises(ValueError, match='verify_metric'):
+        _trainer(AdaptiveSparsityStep(val_dataloader=val, verify_metric='BLEU'), train_dataloader=train)
 
 
 # ---------------------------------------------------------------------------------------------- DDP
@@ -282,7 +310,7 @@ def test_two_rank_ddp_chooses_identical_fractions_on_both_ranks(tmp_path):
     assert all(torch.equal(rank0['masks'][n], rank1['masks'][n]) for n in rank0['masks'])
     # the probe and the validation split are over both ranks: the step saw every sample once
     assert steps0[1]['projection']['samples'] == 512
-    assert rank0['history'][1]['verify']['val_samples'] == 300
+    assert rank0['history'][1]['verify']['samples'] == 300
 
 
 def test_a_killed_adaptive_run_resumes_to_the_same_decisions_masks_and_weights(tmp_path):
@@ -311,9 +339,9 @@ def test_a_killed_adaptive_run_resumes_to_the_same_decisions_masks_and_weights(t
 
     reference = train(tmp_path / 'ref')
     assert len(reference[0]) >= 3
-    assert train(tmp_path / 'run', Kill('batch_start', 30)) is None  # mid-level 1 (levels end at 20, 38, ...)
+    assert train(tmp_path / 'run', Kill('batch_start', 1, 12)) is None  # mid-level 1 (it replays batches 2..20)
     resumed = train(tmp_path / 'run')
-    assert FitStart.batch == 30  # it really resumed mid-level
+    assert FitStart.batch == 12  # it really resumed mid-level
     assert resumed[0] == reference[0]
     assert all(torch.equal(resumed[1][n], reference[1][n]) for n in reference[1])
     assert all(torch.equal(resumed[2][k], reference[2][k]) for k in reference[2])

@@ -219,7 +219,7 @@ def test_instability_trains_two_children_of_a_saved_level_and_adds_them_to_the_r
     assert code == 0, err
     assert out.strip().splitlines()[-1] == os.path.join(run, 'report.md')
     result = json.load(open(os.path.join(run, 'imp', 'level_1', 'instability_seeds_1_2.json')))
-    assert result['level'] == 1 and result['seeds'] == [1, 2] and len(result['errors']) == 3
+    assert result['level'] == 1 and result['seeds'] == [1, 2] and len(result['values']['error']) == 3
     assert result['barrier_max_minus_mean'] >= 0 and isinstance(result['stable'], bool)
     report = open(os.path.join(run, 'report.md')).read()
     assert '## Instability analysis' in report and 'instability_seeds_1_2.json' in report

@@ -14,17 +14,20 @@ from helpers import digits_loader, mlp, small_cnn
 
 
 class Recorder(Callback):
-    """Records, per batch, the learning rate used and the weights the batch starts from."""
+    """Records, per step of the whole run, the learning rate used and the weights the step starts from."""
+
+    imp_rewind = False  # a record across levels, not state of the run that IMP replays
 
     def __init__(self):
-        self.lr, self.start_weights, self.pruned_max = {}, {}, []
+        self.lr, self.start_weights, self.pruned_max, self.steps = {}, {}, [], 0
 
     def before_train_batch(self, state, logger):
-        batch = int(state.timestamp.batch)
+        batch = self.steps
         self.lr[batch] = state.optimizers[0].param_groups[0]['lr']
         self.start_weights[batch] = {k: v.clone() for k, v in state.model.state_dict().items()}
 
     def batch_end(self, state, logger):
+        self.steps += 1
         imp = next(a for a in state.algorithms if isinstance(a, IMP))
         params = dict(state.model.named_parameters())
         self.pruned_max.append(max(float(params[n][~m].abs().max()) if (~m).any() else 0.0
@@ -59,8 +62,9 @@ def run(tmp_path, imp=None, optimizer='sgd', duration='6ba', scheduler='cosine',
 
 
 def test_levels_train_from_the_rewind_step_to_the_end_of_the_schedule(tmp_path):
-    trainer, imp, _ = run(tmp_path)
-    assert int(trainer.state.timestamp.batch) == 6 + 4 + 4
+    trainer, imp, rec = run(tmp_path)
+    assert rec.steps == 6 + 4 + 4
+    assert int(trainer.state.timestamp.batch) == 6, "the last level ends at the schedule's end, T"
     assert [r['steps'] for r in imp.history] == [6, 4, 4]
     assert imp.level == 2 and [r['level'] for r in imp.history] == [0, 1, 2]
 
@@ -116,9 +120,9 @@ def test_density_after_l_levels_is_geometric_and_masks_are_nested(tmp_path, scop
 
 def test_target_density_stops_after_the_first_level_at_or_below_it(tmp_path):
     imp = IMP(target_density=0.5, prune_fraction=0.2, folder=str(tmp_path / 'imp'))
-    trainer, _, _ = run(tmp_path, imp=imp, duration='3ba')
+    _, _, rec = run(tmp_path, imp=imp, duration='3ba')
     assert [round(r['density'], 2) for r in imp.history] == [1.0, 0.8, 0.64, 0.51, 0.41]
-    assert int(trainer.state.timestamp.batch) == 5 * 3
+    assert rec.steps == 5 * 3
 
 
 def test_level_metrics_files_and_logged_values(tmp_path):
@@ -132,8 +136,9 @@ def test_level_metrics_files_and_logged_values(tmp_path):
     assert lines[1]['samples'] == 4 * 64
     for level in range(3):
         assert {'mask.pt', 'trained.pt'} <= set(os.listdir(tmp_path / 'imp' / f'level_{level}'))
-    steps = [int(step.batch) for step, _ in logger.data['imp/density']]
-    assert steps == sorted(steps) == [6, 10, 14]
+    # InMemoryLogger keeps the run's timestamp, which replays per level: every level ends at T = 6
+    assert [int(step.batch) for step, _ in logger.data['imp/density']] == [6, 6, 6]
+    assert [(r['start_batch'], r['end_batch']) for r in lines] == [(0, 6), (6, 10), (10, 14)]
     assert [v for _, v in logger.data['imp/level']] == [0, 1, 2]
     assert any(k.startswith('imp/density/module.') for k in logger.data)
     # the level's evaluation saw the trained network, not the rewound one: it matches the saved trained weights
@@ -144,9 +149,10 @@ def test_level_metrics_files_and_logged_values(tmp_path):
 def test_evaluation_that_ends_a_level_sees_the_trained_network(tmp_path):
     logger = InMemoryLogger()
     _, imp, _ = run(tmp_path, loggers=[logger], eval_interval='2ba', duration='6ba')
-    trainer_evals = {int(t.batch): v for t, v in logger.data['metrics/eval/MulticlassAccuracy']}
-    for record in imp.history:
-        assert record['eval']['eval/MulticlassAccuracy'] == pytest.approx(trainer_evals[record['end_batch']])
+    at_level_ends = [v for t, v in logger.data['metrics/eval/MulticlassAccuracy'] if int(t.batch) == 6]
+    assert len(at_level_ends) == len(imp.history) == 3
+    for record, value in zip(imp.history, at_level_ends):
+        assert record['eval']['eval/MulticlassAccuracy'] == pytest.approx(value)
 
 
 def test_ticket_round_trips_through_load_ticket(tmp_path):
@@ -169,11 +175,11 @@ def test_ticket_round_trips_through_load_ticket(tmp_path):
 def test_threshold_stopper_ends_a_level_early_and_the_remaining_levels_still_run(tmp_path):
     stopper = ThresholdStopper('MulticlassAccuracy', 'eval', threshold=0.0)
     imp = IMP(levels=2, rewind_to='0ba', folder=str(tmp_path / 'imp'))
-    trainer, imp, _ = run(tmp_path, imp=imp, duration='6ba', callbacks=[stopper], eval_interval='1ba')
+    _, imp, rec = run(tmp_path, imp=imp, duration='6ba', callbacks=[stopper], eval_interval='1ba')
     assert [r['level'] for r in imp.history] == [0, 1, 2]
     assert all(r['stopped_early'] for r in imp.history)
     assert [r['steps'] for r in imp.history] == [1, 1, 1]
-    assert int(trainer.state.timestamp.batch) == 3
+    assert rec.steps == 3
 
 
 def test_a_stop_before_the_rewind_step_is_ignored_so_the_rewind_point_exists(tmp_path):
@@ -185,13 +191,18 @@ def test_a_stop_before_the_rewind_step_is_ignored_so_the_rewind_point_exists(tmp
 
 def test_rewind_optimizer_restores_the_optimizer_state_of_the_rewind_step(tmp_path):
     class Momentum(Callback):
+        imp_rewind = False
+
         def __init__(self):
-            self.buffers = {}
+            self.buffers, self.steps = {}, 0
 
         def before_train_batch(self, state, logger):
             opt = state.optimizers[0]
             p = opt.param_groups[0]['params'][0]
-            self.buffers[int(state.timestamp.batch)] = opt.state[p]['momentum_buffer'].clone() if p in opt.state else None
+            self.buffers[self.steps] = opt.state[p]['momentum_buffer'].clone() if p in opt.state else None
+
+        def batch_end(self, state, logger):
+            self.steps += 1
 
     probe = Momentum()
     imp = IMP(levels=1, rewind_to='2ba', rewind_optimizer=True, folder=str(tmp_path / 'imp'))

@@ -63,18 +63,21 @@ def test_level_metrics_lines_hold_the_curve_from_the_parent_level_to_the_level(i
     for parent, record in zip(levels, levels[1:]):
         curve = record['lmc/curve']
         assert curve['alphas'] == [i / 10 for i in range(11)]
-        assert len(curve['errors']) == len(curve['losses']) == 11
+        assert record['lmc/metric'] == 'error'  # a classifier's default headline, with the loss beside it
+        assert len(curve['error']) == len(curve['loss']) == 11
         # With interpolated BatchNorm statistics the ends of the path are exactly the two trained networks.
-        assert curve['errors'][0] == pytest.approx(parent['lmc/error'], abs=1e-12)
-        assert curve['errors'][-1] == pytest.approx(record['lmc/error'], abs=1e-12)
+        for name in ('error', 'loss'):
+            assert curve[name][0] == pytest.approx(parent[f'lmc/{name}'], abs=1e-12)
+            assert curve[name][-1] == pytest.approx(record[f'lmc/{name}'], abs=1e-12)
+        assert record['lmc/barrier'] == record['lmc/barrier/error']
 
 
-def test_callback_checkpoints_the_dense_error_for_resumption(imp_run):
+def test_callback_checkpoints_the_dense_value_for_resumption(imp_run):
     lmc = imp_run['lmc']
-    assert lmc.state_dict() == {'dense_error': imp_run['levels'][0]['lmc/error']}
+    assert lmc.state_dict() == {'dense_value': imp_run['levels'][0]['lmc/error']}
     resumed = LMCEvaluator()
     resumed.load_state_dict(lmc.state_dict())
-    assert resumed.dense_error == lmc.dense_error
+    assert resumed.dense_value == lmc.dense_value
 
 
 def test_imp_final_masks_and_weights_are_identical_with_and_without_the_callback(imp_run, tmp_path):

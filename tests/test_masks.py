@@ -87,6 +87,61 @@ def test_density_after_levels_follows_the_geometric_sequence_within_one_weight_p
                     assert abs(int(masks[name].sum()) - 0.8**level * w.numel()) <= 1
 
 
+def reference_lamp(weights, fraction, masks):
+    """LAMP from its definition: per tensor, alive weights sorted by |w| ascending (ties in index order) score
+    w_u^2 / sum of w_v^2 over v from u to the end; the round(fraction * n) lowest scores overall (ties in index
+    order) are pruned."""
+    scored = []
+    for name, w in weights.items():
+        alive = sorted((float(w.flatten()[i]) ** 2, i) for i in range(w.numel()) if masks[name].flatten()[i])
+        squares = [square for square, _ in alive]
+        scored += [(square / sum(squares[rank:]), name, i) for rank, (square, i) in enumerate(alive)]
+    order = {name: k for k, name in enumerate(weights)}
+    scored.sort(key=lambda s: (s[0], order[s[1]], s[2]))
+    pruned = {(name, i) for _, name, i in scored[:round(fraction * len(scored))]}
+    return {name: torch.tensor([masks[name].flatten()[i].item() and (name, i) not in pruned
+                                for i in range(w.numel())]).view_as(w) for name, w in weights.items()}
+
+
+@pytest.mark.parametrize('fraction', [0.2, 0.5, 0.9])
+def test_lamp_masks_equal_the_definition_and_are_nested(fraction):
+    weights = random_weights(3)
+    masks = magnitude_masks(weights, 0.3, scope='lamp')
+    new = magnitude_masks(weights, fraction, masks, scope='lamp')
+    expected = reference_lamp(weights, fraction, masks)
+    assert all(torch.equal(new[n], expected[n]) for n in weights)
+    assert all(not (new[n] & ~masks[n]).any() for n in weights)
+
+
+def test_lamp_ignores_a_layers_scale_where_global_magnitude_does_not():
+    weights = random_weights(4)
+    rescaled = {**weights, 'b.weight': weights['b.weight'] * 100}
+    for fraction in (0.3, 0.7):
+        lamp = magnitude_masks(weights, fraction, scope='lamp')
+        assert all(torch.equal(lamp[n], magnitude_masks(rescaled, fraction, scope='lamp')[n]) for n in weights)
+        plain = magnitude_masks(weights, fraction)
+        assert not torch.equal(plain['b.weight'], magnitude_masks(rescaled, fraction)['b.weight'])
+
+
+def test_lamp_counts_are_exact_and_every_layer_keeps_a_weight():
+    weights = {**random_weights(5), 'tiny.weight': torch.randn(4, 4) * 1e-3}
+    total = sum(w.numel() for w in weights.values())
+    masks = None
+    for level in range(1, 14):
+        new = masks_at_density(weights, 0.7**level, masks, 'lamp')
+        assert sum(int(m.sum()) for m in new.values()) == round(0.7**level * total)
+        assert masks is None or all(not (new[n] & ~masks[n]).any() for n in weights)
+        assert all(m.any() for m in new.values())
+        masks = new
+    assert not magnitude_masks(weights, 0.95)['tiny.weight'].any()  # what global magnitude does to that layer
+
+
+def test_lamp_ties_prune_exactly_the_requested_count_in_index_order():
+    masks = magnitude_masks({'x': torch.ones(10), 'y': torch.ones(5)}, 0.4, scope='lamp')
+    # scores 1/10, 1/9, ..., 1 in x and 1/5, ..., 1 in y: the five below 1/5 go, then x's 1/5 ties y's and comes first
+    assert masks['x'].tolist() == [False] * 6 + [True] * 4 and masks['y'].all()
+
+
 def test_threshold_is_computed_on_the_weights_device_without_numpy(monkeypatch):
     import numpy
     monkeypatch.setattr(numpy, 'sort', lambda *a, **k: pytest.fail('numpy sort used'))

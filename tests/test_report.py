@@ -30,7 +30,8 @@ def record(level, density, acc, barrier=None, matching=None, accepted=True, frac
         r['lmc/barrier'] = barrier
         r['lmc/barrier_max_minus_mean'] = barrier + 0.01
         r['lmc/connected'] = barrier <= 0.02
-        r['lmc/curve'] = {'alphas': [0, 0.5, 1], 'errors': [1 - acc, 1 - acc + barrier, 1 - acc], 'losses': [1, 1, 1]}
+        r['lmc/metric'] = 'error'
+        r['lmc/curve'] = {'alphas': [0, 0.5, 1], 'error': [1 - acc, 1 - acc + barrier, 1 - acc], 'loss': [1, 1, 1]}
     if matching is not None:
         r['imp/matching'] = matching
     return r
@@ -151,9 +152,9 @@ def test_a_run_killed_before_its_first_level_still_gets_a_report(tmp_path):
 def test_instability_results_are_added_to_the_report(tmp_path):
     run = make_run(tmp_path, FIXED, FIXED_RECIPE)
     os.makedirs(os.path.join(run, 'imp', 'level_2'))
-    result = {'level': 2, 'density': 0.64, 'seeds': [1, 2], 'alphas': [0, 0.5, 1], 'errors': [0.05, 0.08, 0.051],
-              'losses': [0.2, 0.3, 0.2], 'barrier_linear': 0.0295, 'barrier_max_minus_mean': 0.0295,
-              'threshold': 0.02, 'stable': False, 'bn': 'interpolate'}
+    result = {'level': 2, 'density': 0.64, 'seeds': [1, 2], 'metric': 'error', 'alphas': [0, 0.5, 1],
+              'values': {'error': [0.05, 0.08, 0.051], 'loss': [0.2, 0.3, 0.2]}, 'barrier_linear': 0.0295,
+              'barrier_max_minus_mean': 0.0295, 'threshold': 0.02, 'stable': False, 'bn': 'interpolate'}
     with open(os.path.join(run, 'imp', 'level_2', 'instability_seeds_1_2.json'), 'w') as f:
         json.dump(result, f)
     report = open(build_report(run)).read()
@@ -192,3 +193,9 @@ def test_the_table_and_totals_go_to_every_logger():
     assert columns[:3] == ['level', 'density', 'test acc'] and len(rows) == 4 and rows[2][1] == '64.00%'
     assert logger.metrics['imp/total/levels'] == 4 and logger.metrics['imp/total/steps'] == 370
     assert logger.metrics['imp/sparsest_matching_density'] == 0.64
+
+
+def test_a_barrier_on_the_loss_is_shown_in_its_own_units_not_in_points():
+    loss_run = [dict(r, **{'lmc/metric': 'loss'}) for r in FIXED]
+    error_row, loss_row = console_row(level_rows(FIXED)[3]), console_row(level_rows(loss_run)[3])
+    assert '5.00 pp' in error_row and '5.00 pp' not in loss_row and '0.05 loss' in loss_row

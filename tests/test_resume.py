@@ -16,14 +16,15 @@ HERE = os.path.dirname(__file__)
 
 
 class Kill(Callback):
-    """Dies like a killed process: no clean-up, at a chosen event and batch."""
+    """Dies like a killed process: no clean-up, at a chosen event, level and (level-local) batch."""
 
-    def __init__(self, event, batch):
-        self.event, self.batch = event, batch
+    def __init__(self, event, level, batch):
+        self.event, self.level, self.batch = event, level, batch
 
     def run_event(self, event, state, logger):
-        if event.value == self.event and int(state.timestamp.batch) == self.batch:
-            raise KeyboardInterrupt(f'killed at {event.value} of batch {self.batch}')
+        if (event.value == self.event and state.algorithms[0].level == self.level and
+                int(state.timestamp.batch) == self.batch):
+            raise KeyboardInterrupt(f'killed at {event.value} of level {self.level}, batch {self.batch}')
 
 
 def make_trainer(folder, callbacks=(), duration='6ba', rewind_to='2ba', rewind_optimizer=False, **kw):
@@ -67,15 +68,17 @@ def train(folder, kill=None, **kw):
         trainer.close()
 
 
-@pytest.mark.parametrize('kill_event, kill_batch, rewind_optimizer', [
-    ('batch_start', 8, False),  # mid-level 1
-    ('batch_start', 8, True),  # mid-level 1, optimizer rewinding (its snapshot travels in the checkpoint)
-    ('batch_start', 6, False),  # first step of level 1, right after the transition
-    ('batch_start', 3, False),  # level 0, after the rewind point
+@pytest.mark.parametrize('kill_event, kill_level, kill_batch, rewind_optimizer', [
+    ('batch_start', 1, 4, False),  # mid-level 1
+    ('batch_start', 1, 4, True),  # mid-level 1, optimizer rewinding (its snapshot travels in the checkpoint)
+    ('batch_start', 1, 2, False),  # first step of level 1, right after the transition
+    ('batch_start', 0, 3, False),  # level 0, after the rewind point
 ])
-def test_killed_run_resumes_to_the_same_masks_and_weights(tmp_path, kill_event, kill_batch, rewind_optimizer):
+def test_killed_run_resumes_to_the_same_masks_and_weights(tmp_path, kill_event, kill_level, kill_batch,
+                                                          rewind_optimizer):
     reference = train(str(tmp_path / 'ref'), rewind_optimizer=rewind_optimizer)
-    assert train(str(tmp_path / 'run'), Kill(kill_event, kill_batch), rewind_optimizer=rewind_optimizer) is None
+    assert train(str(tmp_path / 'run'), Kill(kill_event, kill_level, kill_batch),
+                 rewind_optimizer=rewind_optimizer) is None
     assert_same(train(str(tmp_path / 'run'), rewind_optimizer=rewind_optimizer), reference)
     assert FitStart.batch == kill_batch  # it really resumed from the last checkpoint
 
@@ -85,9 +88,9 @@ def test_killed_at_the_last_step_of_an_epoch_aligned_level_resumes_to_the_same_r
     # and the checkpoint written at that batch's BATCH_CHECKPOINT still holds the trained, untransitioned level.
     kw = dict(duration='1ep', rewind_to='0ba', n=384)
     reference = train(str(tmp_path / 'ref'), **kw)
-    assert train(str(tmp_path / 'run'), Kill('epoch_end', 12), **kw) is None
+    assert train(str(tmp_path / 'run'), Kill('epoch_end', 1, 6), **kw) is None
     resumed = train(str(tmp_path / 'run'), **kw)
-    assert FitStart.batch == 12
+    assert FitStart.batch == 6
     assert_same(resumed, reference)
     assert reference[2] == [6, 6, 6, 6]
 
@@ -103,7 +106,7 @@ def test_hard_killed_process_resumes_with_autoresume(tmp_path):
         from test_resume import make_trainer, final_state
         class Die(Callback):
             def batch_start(self, state, logger):
-                if os.environ.get('DIE') and int(state.timestamp.batch) == 11:
+                if os.environ.get('DIE') and state.algorithms[0].level == 2 and int(state.timestamp.batch) == 3:
                     os._exit(3)
         trainer = make_trainer(sys.argv[1], callbacks=[Die()])
         trainer.fit()
@@ -127,7 +130,7 @@ def test_hard_killed_process_resumes_with_autoresume(tmp_path):
 
 def test_a_checkpoint_whose_masks_do_not_fit_the_model_raises_before_training(tmp_path):
     folder = str(tmp_path / 'run')
-    assert train(folder, Kill('batch_start', 8)) is None
+    assert train(folder, Kill('batch_start', 1, 4)) is None
     model = small_cnn()
     with pytest.raises(ValueError, match='checkpoint: IMP masks are for parameters'):
         Trainer(model=model, train_dataloader=digits_loader(image=True), max_duration='6ba',

@@ -1,23 +1,27 @@
 """Pure torch core of composer_imp: masks, rewinding, interpolation, error barriers, projection checks, FLOPs and
 ticket files. Imports nothing from Composer."""
 from composer_imp.functional.barrier import (
+    ClassificationScorer,
     alpha_grid,
     barrier_linear,
     barrier_max_minus_mean,
     classification_error,
     error_barrier,
-    error_curve,
     is_matching,
+    metric_curve,
 )
 from composer_imp.functional.interpolate import interpolate_state, load_interpolated_, recompute_batchnorm
 from composer_imp.functional.masks import (
+    Coverage,
     alive_count,
     apply_masks,
+    coverage_warning,
     density,
     layer_densities,
     magnitude_masks,
     mask_gradients,
     masks_at_density,
+    prunable_coverage,
     prunable_weights,
 )
 from composer_imp.functional.projection import (
@@ -30,6 +34,8 @@ from composer_imp.functional.rewind import rewind, rewind_optimizer, snapshot, s
 from composer_imp.functional.ticket import load_ticket
 
 __all__ = [
+    'ClassificationScorer',
+    'Coverage',
     'alive_count',
     'alpha_grid',
     'apply_masks',
@@ -37,9 +43,9 @@ __all__ = [
     'barrier_max_minus_mean',
     'check_fraction_range',
     'classification_error',
+    'coverage_warning',
     'density',
     'error_barrier',
-    'error_curve',
     'interpolate_state',
     'is_matching',
     'layer_densities',
@@ -49,7 +55,9 @@ __all__ = [
     'mask_gradients',
     'masks_at_density',
     'max_prune_fraction',
+    'metric_curve',
     'projection_scores',
+    'prunable_coverage',
     'prunable_weights',
     'recompute_batchnorm',
     'rewind',

@@ -1,13 +1,16 @@
-"""Error barriers along the straight line between two networks, and the matching rule. Pure torch, no Composer.
+"""Barriers along the straight line between two networks, and the matching rule. Pure torch, no Composer.
 
-Two conventions (science.md §3.1), both over the error curve E(alpha) of w(alpha) = (1 - alpha) * w_a + alpha * w_b:
+Two conventions (science.md §3.1), both over the curve E(alpha) of a lower-is-better value (an error, a loss) of
+w(alpha) = (1 - alpha) * w_a + alpha * w_b:
 
 - ``barrier_linear`` = max_alpha [E(alpha) - ((1 - alpha) * E(0) + alpha * E(1))]: 0 for a path whose error is linear
   in alpha, so endpoints with different errors (successive IMP levels) are not penalised for that difference.
 - ``barrier_max_minus_mean`` = max_alpha E(alpha) - (E(0) + E(1)) / 2 (Frankle et al. 2020, "instability"): at least
   |E(0) - E(1)| / 2, meant for exchangeable endpoints (two SGD-noise copies of one level).
 
-Errors are fractions (0.02 = 2 percentage points), so barriers and tolerances are absolute fractions too.
+Errors are fractions (0.02 = 2 percentage points), so error barriers and tolerances are absolute fractions too.
+:func:`metric_curve` takes any ``evaluate(model) -> {name: value}``; :func:`error_barrier` is the plain-torch case
+(arg-max error and cross-entropy on ``(inputs, targets)`` batches, :class:`ClassificationScorer`).
 """
 from __future__ import annotations
 
@@ -33,17 +36,18 @@ __all__ = [
     'alpha_grid',
     'barrier_linear',
     'barrier_max_minus_mean',
+    'ClassificationScorer',
     'classification_error',
-    'error_and_loss',
     'error_barrier',
-    'error_curve',
     'is_matching',
+    'metric_curve',
 ]
 
 BN_MODES = ('interpolate', 'recompute')
 DEFAULT_NUM_ALPHAS = 11  # 0, 0.1, ..., 1
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float]
+Evaluate = Callable[[nn.Module], Mapping[str, float]]
 
 
 def alpha_grid(alphas: int | Sequence[float] | None = None) -> list[float]:
@@ -99,59 +103,69 @@ def _on(device: torch.device, value: torch.Tensor | float) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
-def error_and_loss(outputs_and_targets: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                   error_fn: Scorer = classification_error, loss_fn: Scorer = F.cross_entropy,
-                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
-    """Sample-weighted mean of ``error_fn`` and ``loss_fn`` (both batch means) over ``(outputs, targets)`` pairs.
+def _model_device(model: nn.Module) -> torch.device:
+    return next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
 
-    ``reduce`` returns the running totals (errors, loss, samples; float64) summed across processes, applied before
-    the division so that every process gets the same two numbers. Raises ``ValueError`` when no sample was seen.
+
+class ClassificationScorer:
+    """``evaluate(model) -> {'error', 'loss'}`` for a plain module on fixed ``(inputs, targets)`` batches.
+
+    Sample-weighted means of ``error_fn`` and ``loss_fn`` (both ``(outputs, targets) -> batch mean``; default arg-max
+    error and cross-entropy) of ``model(inputs)`` in eval mode; inputs and targets are moved to ``device`` (default:
+    the model's). ``samples`` holds the sample count of the last call. Raises ``ValueError`` when no sample was seen.
     """
-    errors, losses, sizes = [], [], []
-    for outputs, targets in outputs_and_targets:
-        # Per-batch values stay on the device, unsummed: no host sync and no extra kernels per batch.
-        errors.append(_on(targets.device, error_fn(outputs, targets)))
-        losses.append(_on(targets.device, loss_fn(outputs, targets)))
-        sizes.append(float(targets.shape[0]))
-    totals = None
-    if sizes:
-        weights = torch.tensor(sizes, dtype=torch.float64).to(errors[0].device)
-        totals = torch.stack([torch.stack(errors).double() @ weights, torch.stack(losses).double() @ weights,
-                              weights.sum()])
-    if reduce is not None:
-        # Every process takes part, even one without batches, or the collective would hang.
-        totals = reduce(torch.zeros(3, dtype=torch.float64) if totals is None else totals)
-    if totals is None or float(totals[2]) == 0:
-        raise ValueError('dataloader: yielded no samples; the barrier needs a non-empty, re-iterable dataloader')
-    error, loss, size = totals.tolist()
-    return error / size, loss / size
+
+    def __init__(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], error_fn: Scorer = classification_error,
+                 loss_fn: Scorer = F.cross_entropy, device: torch.device | str | None = None):
+        self.batches, self.error_fn, self.loss_fn = batches, error_fn, loss_fn
+        self.device = None if device is None else torch.device(device)
+        self.samples = 0
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        device = self.device or _model_device(model)
+        errors, losses, sizes = [], [], []
+        with training_mode(model, False):
+            for inputs, targets in self.batches:
+                targets = targets.to(device)
+                outputs = model(inputs.to(device))
+                # Per-batch values stay on the device, unsummed: no host sync and no extra kernels per batch.
+                errors.append(_on(device, self.error_fn(outputs, targets)))
+                losses.append(_on(device, self.loss_fn(outputs, targets)))
+                sizes.append(float(targets.shape[0]))
+        self.samples = int(sum(sizes))
+        if not sizes or self.samples == 0:
+            raise ValueError('dataloader: yielded no samples; the barrier needs a non-empty, re-iterable dataloader')
+        weights = torch.tensor(sizes, dtype=torch.float64, device=device)
+        error, loss = (float(torch.stack(values).double() @ weights) / self.samples for values in (errors, losses))
+        return {'error': error, 'loss': loss}
 
 
-def error_curve(model: nn.Module, state_a: Mapping[str, Any], state_b: Mapping[str, Any],
-                alphas: int | Sequence[float] | None, evaluate: Callable[[nn.Module], tuple[float, float]],
-                recalibrate: Callable[[nn.Module], Any] | None = None) -> dict[str, Any]:
+def metric_curve(model: nn.Module, state_a: Mapping[str, Any], state_b: Mapping[str, Any],
+                 alphas: int | Sequence[float] | None, evaluate: Evaluate,
+                 recalibrate: Callable[[nn.Module], Any] | None = None) -> dict[str, Any]:
     """Evaluate ``model`` at every alpha of the path from ``state_a`` to ``state_b``, writing the weights in place.
 
-    ``evaluate(model) -> (error, loss)`` scores the weights currently in ``model``; ``recalibrate(model)``, if given,
-    runs after each point is loaded and before it is scored (BatchNorm re-estimation). Leaves the last point (alpha
-    = 1) in ``model``. Returns ``{'alphas', 'errors', 'losses', 'barrier_linear', 'barrier_max_minus_mean'}``.
+    ``evaluate(model) -> {name: value}`` scores the weights currently in ``model``; every value is *lower is better*
+    (an error, a loss), so each barrier is how much worse the path gets than its endpoints. ``recalibrate(model)``, if
+    given, runs after each point is loaded and before it is scored (BatchNorm re-estimation). Leaves the last point
+    (alpha = 1) in ``model``. Returns ``{'alphas', 'values', 'barrier_linear', 'barrier_max_minus_mean'}``, the last
+    three keyed by value name: ``values[name]`` is the curve, the barriers are floats.
     """
     grid = alpha_grid(alphas)
     check_endpoints(state_a, state_b, model)
-    errors, losses = [], []
+    values: dict[str, list[float]] = {}
     for alpha in grid:
         load_interpolated_(model, state_a, state_b, alpha)
         if recalibrate is not None:
             recalibrate(model)
-        error, loss = evaluate(model)
-        errors.append(error)
-        losses.append(loss)
+        for name, value in evaluate(model).items():
+            values.setdefault(name, []).append(float(value))
     return {
         'alphas': grid,
-        'errors': errors,
-        'losses': losses,
-        'barrier_linear': barrier_linear(grid, errors),
-        'barrier_max_minus_mean': barrier_max_minus_mean(grid, errors),
+        'values': values,
+        'barrier_linear': {name: barrier_linear(grid, curve) for name, curve in values.items()},
+        'barrier_max_minus_mean': {name: barrier_max_minus_mean(grid, curve) for name, curve in values.items()},
     }
 
 
@@ -159,13 +173,9 @@ def _check_not_empty(name: str, loader: Iterable[Any]) -> None:
     try:
         empty = len(loader) == 0  # type: ignore[arg-type]
     except TypeError:
-        return  # no length: an empty pass raises in error_and_loss instead
+        return  # no length: an empty pass raises in ClassificationScorer instead
     if empty:
         raise ValueError(f'{name}: is empty; it must yield at least one batch')
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
 
 
 @torch.no_grad()
@@ -209,15 +219,15 @@ def error_barrier(model: nn.Module, state_a: Mapping[str, Any], state_b: Mapping
     state_a, state_b = ({k: v.to(reference[k]) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
                         for s in (state_a, state_b))
 
-    def evaluate(probe: nn.Module) -> tuple[float, float]:
-        with training_mode(probe, False):
-            return error_and_loss(((probe(x.to(device)), y.to(device)) for x, y in dataloader), error_fn, loss_fn)
-
     def recalibrate(probe: nn.Module) -> None:
         recompute_batchnorm(probe, itertools.islice(bn_loader, bn_batches), lambda m, batch: m(batch[0].to(device)))
 
     original = snapshot(model)
     try:
-        return error_curve(model, state_a, state_b, grid, evaluate, recalibrate if bn == 'recompute' else None)
+        curve = metric_curve(model, state_a, state_b, grid, ClassificationScorer(dataloader, error_fn, loss_fn, device),
+                             recalibrate if bn == 'recompute' else None)
     finally:
         rewind(model, original)
+    return {'alphas': curve['alphas'], 'errors': curve['values']['error'], 'losses': curve['values']['loss'],
+            'barrier_linear': curve['barrier_linear']['error'],
+            'barrier_max_minus_mean': curve['barrier_max_minus_mean']['error']}

@@ -5,23 +5,38 @@ weight is alive. The *density* is the fraction of alive weights over the prunabl
 
 Counting and ties. ``magnitude_masks`` prunes exactly ``round(fraction * n_alive)`` of the alive weights (Python's
 round, half to even) -- globally over all tensors or separately per tensor. The pruned weights are the ones with the
-smallest ``|w|``; among weights whose magnitude equals the threshold, the ones that come first (tensors in the
-mapping's order, elements in row-major order) are pruned first. The result is therefore deterministic and never prunes
-more or fewer weights than asked, unlike open_lth's ``sorted[k]`` rule, which prunes ``k + 1`` weights and every tie.
-The threshold is found with ``torch.kthvalue`` on the tensors' own device; nothing is sorted in full and nothing goes
-through numpy.
+smallest ``|w|`` (or LAMP score); among weights whose score equals the threshold, the ones that come first (tensors in
+the mapping's order, elements in row-major order) are pruned first. The result is therefore deterministic and never
+prunes more or fewer weights than asked, unlike open_lth's ``sorted[k]`` rule, which prunes ``k + 1`` weights and every
+tie. The threshold is found with ``torch.kthvalue`` on the tensors' own device; nothing goes through numpy, and only
+LAMP sorts (each tensor, for its scores).
+
+Scopes (``SCOPES``): ``'global'`` ranks ``|w|`` over all tensors, ``'layerwise'`` prunes the fraction of each tensor,
+``'lamp'`` ranks LAMP scores over all tensors (Layer-Adaptive Magnitude-based Pruning, Lee et al., ICLR 2021): with a
+tensor's alive weights sorted by ``|w|`` ascending (ties in index order), weight u scores
+``w_u^2 / sum_{v >= u} w_v^2``. The score does not change when a tensor is rescaled, so a layer initialized or trained
+at a smaller scale (MPT's residual output projections, scaled by 1/sqrt(2 n_layers)) is not pruned away first, and each
+tensor's largest weight scores 1, so every tensor keeps at least one weight unless fewer weights are to stay than
+there are tensors.
 """
 from __future__ import annotations
 
 import fnmatch
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = [
-    'PRUNABLE_MODULE_TYPES',
+    'EMBEDDING_TYPES',
+    'MULTIHEAD_WEIGHT_NAMES',
+    'Coverage',
     'prunable_weights',
+    'prunable_coverage',
+    'coverage_warning',
     'magnitude_masks',
     'masks_at_density',
     'apply_masks',
@@ -32,30 +47,128 @@ __all__ = [
     'kth_smallest',
 ]
 
-# open_lth's rule (models/base.py: prunable_layer_names): the weight of every conv and linear layer.
-PRUNABLE_MODULE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-SCOPES = ('global', 'layerwise')
+EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+# nn.MultiheadAttention holds its input projections itself (packed, or one per q/k/v when the key and value sizes
+# differ from the embedding size); its out_proj is a Linear and is found as one.
+MULTIHEAD_WEIGHT_NAMES = ('in_proj_weight', 'q_proj_weight', 'k_proj_weight', 'v_proj_weight')
+SCOPES = ('global', 'layerwise', 'lamp')
 
 
-def prunable_weights(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, nn.Parameter]:
-    """The ``.weight`` of every Conv and Linear layer of ``model``, keyed like ``model.named_parameters()``.
+def prunable_weights(model: nn.Module, ignore: Iterable[str] = (), embeddings: bool = False) -> dict[str, nn.Parameter]:
+    """The weights IMP prunes: one entry per tensor, named and ordered exactly as ``model.named_parameters()``.
+
+    Prunable are the ``weight`` of every module that holds it as a parameter of two or more dimensions -- Conv, Linear,
+    transformers' ``Conv1D``, ``Bilinear`` and any custom layer built the same way (the rule reads the weight's shape,
+    not the class, so library layers need no import); 1-D weights (norm scales) are not -- and the input projections
+    of ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``). Further rules:
+
+    - Embeddings (``nn.Embedding``, ``nn.EmbeddingBag``) stay dense unless ``embeddings=True``. A tensor an embedding
+      shares with another layer (GPT-2's tied ``lm_head``/``wte``) counts as the embedding: it is the embedding table.
+    - A tied tensor (one tensor under several module paths) is one entry, under the name ``named_parameters()`` gives
+      it (its first path), so it gets one mask.
+    - A parametrized weight (``torch.nn.utils.parametrize``, e.g. Composer's WeightStandardization) is pruned through
+      its originals of the weight's shape: ``<layer>.parametrizations.weight.original``, or of several originals the
+      element-aligned ones (weight norm's direction ``original1``, not its magnitude ``original0``). The mask zeroes the
+      original; the layer's effective weight keeps those zeros only if the parametrization maps 0 to 0 (weight norm
+      does, standardization does not).
 
     ``ignore`` holds fnmatch patterns (``'fc.weight'``, ``'*.shortcut.*'``) of parameter names to leave dense; a pattern
-    that matches no prunable weight raises ``ValueError``, because a typo would otherwise silently prune that layer.
+    may name a tied tensor by any of its paths (``'lm_head.weight'``). A pattern that matches no prunable weight raises
+    ``ValueError``, because a typo would otherwise silently prune that layer.
     """
-    weights = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, PRUNABLE_MODULE_TYPES) and isinstance(getattr(module, 'weight', None), nn.Parameter):
-            weights[f'{module_name}.weight' if module_name else 'weight'] = module.weight
+    layer_weights, embedding_ids = _layer_weights(model)
+    weights = {name: w for name, w in model.named_parameters()
+               if id(w) in layer_weights and (embeddings or id(w) not in embedding_ids)}
+    paths = _parameter_paths(model)
     ignore = list(ignore)
     for pattern in ignore:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in weights):
+        if not any(fnmatch.fnmatchcase(path, pattern) for w in weights.values() for path in paths[id(w)]):
             raise ValueError(
                 f'ignore: pattern {pattern!r} matches no prunable weight; prunable weights are {sorted(weights)}')
-    weights = {n: w for n, w in weights.items() if not any(fnmatch.fnmatchcase(n, p) for p in ignore)}
+    weights = {name: w for name, w in weights.items()
+               if not any(fnmatch.fnmatchcase(path, pattern) for path in paths[id(w)] for pattern in ignore)}
     if not weights:
-        raise ValueError('model: no prunable weights (the .weight of Conv and Linear layers, minus `ignore`) were found')
+        hint = '; pass embeddings=True to prune embeddings' if embedding_ids and not embeddings else ''
+        raise ValueError('model: no prunable weights were found (the >=2-D weights of non-embedding layers and '
+                         f"MultiheadAttention's input projections, minus `ignore`){hint}")
     return weights
+
+
+def _layer_weights(model: nn.Module) -> tuple[dict[int, nn.Parameter], set[int]]:
+    """Every weight the prunable rule names, embeddings included, by ``id``; and the ids of those an embedding owns."""
+    weights, embedding_ids = {}, set()
+    for module in model.modules():
+        names = MULTIHEAD_WEIGHT_NAMES if isinstance(module, nn.MultiheadAttention) else ('weight',)
+        for tensor_name in names:
+            for weight in _trainable_tensors(module, tensor_name):
+                if weight.ndim >= 2:
+                    weights[id(weight)] = weight
+                    if isinstance(module, EMBEDDING_TYPES):
+                        embedding_ids.add(id(weight))
+    return weights, embedding_ids
+
+
+def _trainable_tensors(module: nn.Module, tensor_name: str) -> list[nn.Parameter]:
+    """The parameters behind ``module.<tensor_name>``: itself, or a parametrized tensor's originals of its shape."""
+    if parametrize.is_parametrized(module, tensor_name):
+        with torch.no_grad():
+            shape = getattr(module, tensor_name).shape
+        originals = module.parametrizations[tensor_name].parameters(recurse=False)
+        return [original for original in originals if original.shape == shape]
+    tensor = dict(module.named_parameters(recurse=False)).get(tensor_name)
+    return [] if tensor is None else [tensor]
+
+
+def _parameter_paths(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) ->`` every name it has, the ``named_parameters()`` one first."""
+    paths = defaultdict(list)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        paths[id(parameter)].append(name)
+    return paths
+
+
+class Coverage(NamedTuple):
+    fraction: float  # of the model's weight elements that are in the prunable set
+    left_out: dict[str, int]  # name -> element count of each weight not in it, in named_parameters() order
+
+
+def prunable_coverage(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Coverage:
+    """How much of ``model``'s weights the prunable set ``weights`` (as ``prunable_weights`` returns it) covers.
+
+    The model's weights are its parameters of two or more dimensions, each tensor once: every layer's matrix or kernel,
+    embeddings included (most of a small language model is its embeddings, the case this is meant to show), biases and
+    norm scales not.
+    """
+    parameter_ids = {id(p) for p in model.parameters()}
+    foreign = [name for name, w in weights.items() if id(w) not in parameter_ids]
+    if foreign:
+        raise ValueError(f'weights: {foreign} are not parameters of model; pass prunable_weights(model)')
+    covered = {id(w) for w in weights.values()}
+    model_weights = {name: p for name, p in model.named_parameters() if p.ndim >= 2}
+    total = sum(p.numel() for p in model_weights.values())
+    left_out = {name: p.numel() for name, p in model_weights.items() if id(p) not in covered}
+    return Coverage((total - sum(left_out.values())) / total if total else 1.0, left_out)
+
+
+def coverage_warning(model: nn.Module, weights: Mapping[str, torch.Tensor], min_fraction: float = 0.5) -> str | None:
+    """A one-line warning when ``weights`` cover less than ``min_fraction`` of the model's weights, else ``None``.
+
+    Names the largest weights left out, marks embeddings, and says how to include them.
+    """
+    fraction, left_out = prunable_coverage(model, weights)
+    if fraction >= min_fraction:
+        return None
+    _, embedding_ids = _layer_weights(model)
+    parameters = dict(model.named_parameters())
+    embedding_names = {name for name in left_out if id(parameters[name]) in embedding_ids}
+    largest = sorted(left_out, key=left_out.get, reverse=True)
+    listed = ', '.join(f'{name} ({"embedding, " if name in embedding_names else ""}{left_out[name]:,})'
+                       for name in largest[:5])
+    more = f' and {len(largest) - 5} more' if len(largest) > 5 else ''
+    hint = ('pass embeddings=True to prune the embeddings too' if embedding_names else
+            "only the >=2-D weights of non-embedding layers and MultiheadAttention's input projections are prunable; "
+            'check `ignore`')
+    return f"IMP prunes only {fraction:.1%} of the model's weights; left out: {listed}{more}; {hint}"
 
 
 def _as_tensors(weights: Mapping[str, torch.Tensor] | nn.Module) -> dict[str, torch.Tensor]:
@@ -121,17 +234,34 @@ def _keep_largest(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tenso
     return {name: part.view_as(w).clone() for (name, w), part in zip(weights.items(), keep.split(sizes))}
 
 
+def _lamp_scores(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Each alive weight's LAMP score ``w_u^2 / sum_{v >= u} w_v^2`` over its tensor's alive weights sorted by
+    magnitude (ties in index order); pruned weights score 0 and are excluded by the caller's masks."""
+    scores = {}
+    for name, w in weights.items():
+        squared = w.flatten().double().square()
+        if masks is not None:
+            squared.masked_fill_(~masks[name].flatten(), 0.0)
+        ascending, order = torch.sort(squared, stable=True)
+        remaining = ascending.flip(0).cumsum(0).flip(0)
+        sorted_scores = torch.where(remaining > 0, ascending / remaining, torch.zeros_like(ascending))
+        sorted_scores[-1] = 1.0  # the largest weight, also in a tensor of zeros
+        scores[name] = torch.empty_like(sorted_scores).scatter_(0, order, sorted_scores).view_as(w)
+    return scores
+
+
 def _prune(weights, masks, scope: str, count: Callable[[int, int], int]) -> dict[str, torch.Tensor]:
-    """Prune ``count(alive, numel)`` weights, over all tensors (global) or per tensor (layerwise)."""
+    """Prune ``count(alive, numel)`` weights, over all tensors (global, lamp) or per tensor (layerwise)."""
     _check_scope(scope)
     tensors = _as_tensors(weights)
     if masks is not None:
         _check_masks(tensors, masks)
         masks = {n: masks[n].to(device=w.device, dtype=torch.bool) for n, w in tensors.items()}
     alive = {n: w.numel() if masks is None else int(torch.count_nonzero(masks[n])) for n, w in tensors.items()}
-    if scope == 'global':
+    if scope in ('global', 'lamp'):
         num_prune = count(sum(alive.values()), sum(w.numel() for w in tensors.values()))
-        return _keep_largest(tensors, masks, alive, num_prune)
+        ranked = _lamp_scores(tensors, masks) if scope == 'lamp' else tensors
+        return _keep_largest(ranked, masks, alive, num_prune)
     return {
         name: _keep_largest({name: w}, masks, {name: alive[name]}, count(alive[name], w.numel()))[name]
         for name, w in tensors.items()
@@ -155,7 +285,8 @@ def magnitude_masks(
         weights: parameter name -> tensor, or a module (its Conv/Linear weights are used).
         fraction: fraction of the *remaining* weights to prune, in [0, 1).
         masks: the current masks (all alive when ``None``); weights already pruned stay pruned.
-        scope: ``'global'`` ranks all tensors together, ``'layerwise'`` prunes ``fraction`` of each tensor.
+        scope: ``'global'`` ranks all tensors together by ``|w|``, ``'layerwise'`` prunes ``fraction`` of each tensor,
+            ``'lamp'`` ranks all tensors together by LAMP score (scale-invariant per tensor; see the module doc).
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f'fraction: {fraction} is not allowed; use a fraction of the remaining weights in [0, 1)')
@@ -170,8 +301,8 @@ def masks_at_density(
 ) -> dict[str, torch.Tensor]:
     """Prune by magnitude until exactly ``round(target_density * numel)`` weights stay alive.
 
-    ``numel`` counts all prunable weights (``'global'``) or each tensor's (``'layerwise'``), so repeated levels follow
-    the geometric density sequence without compounding rounding errors. Never revives a pruned weight.
+    ``numel`` counts all prunable weights (``'global'``, ``'lamp'``) or each tensor's (``'layerwise'``), so repeated
+    levels follow the geometric density sequence without compounding rounding errors. Never revives a pruned weight.
     """
     if not 0.0 <= target_density <= 1.0:
         raise ValueError(f'target_density: {target_density} is not allowed; use a density in [0, 1]')

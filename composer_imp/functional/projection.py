@@ -5,7 +5,7 @@ pruned by global (or layerwise) magnitude: m_{L+1} ⊙ w_L. Paul et al. (ICLR 20
 can be pruned in one step is set by the landscape around it: flatter solutions keep their loss when the smallest
 weights are removed, sharper ones do not. This module measures that directly with forward passes only:
 
-    delta(p) = S(projection of w_L at p) - S(w_L)        S = error (fraction misclassified) or loss, on fixed batches
+    delta(p) = S(projection of w_L at p) - S(w_L)        S = a lower-is-better value (error, loss), on fixed batches
 
 and finds the largest p in [p_min, p_max] with delta(p) <= tolerance, by bisection (default) or on an ascending grid
 of candidates refined by bisection ("coarse to fine"). ``delta`` is nearly monotone in p because the projections
@@ -22,15 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from composer_imp.functional.barrier import error_and_loss
-from composer_imp.functional.interpolate import training_mode
+from composer_imp.functional.barrier import ClassificationScorer, Evaluate
 from composer_imp.functional.masks import SCOPES, magnitude_masks, prunable_weights
 
-__all__ = ['PROJECTION_METRICS', 'check_fraction_range', 'search_fraction', 'projection_scores', 'max_prune_fraction']
-
-PROJECTION_METRICS = ('error', 'loss')
-
-Evaluate = Callable[[nn.Module], tuple[float, float]]
+__all__ = ['check_fraction_range', 'search_fraction', 'projection_scores', 'max_prune_fraction']
 
 
 def check_fraction_range(p_min: float, p_max: float, tolerance: float, resolution: float = 0.05,
@@ -120,8 +115,8 @@ def _weights_and_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | Non
 
 @torch.no_grad()
 def projection_scores(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, fractions: Iterable[float],
-                      evaluate: Evaluate, scope: str = 'global', ignore: Iterable[str] = ()) -> dict[float, tuple[float, float]]:
-    """``evaluate`` (-> ``(error, loss)``) of the trained ``model`` and of its projection at each fraction.
+                      evaluate: Evaluate, scope: str = 'global', ignore: Iterable[str] = ()) -> dict[float, dict[str, float]]:
+    """``evaluate`` (-> ``{name: value}``) of the trained ``model`` and of its projection at each fraction.
 
     ``masks`` (parameter name -> bool, True = alive) is the mask ``model`` was trained under; ``None`` means every
     prunable weight (minus ``ignore``) is alive. Fraction 0 scores the network itself. Each projection prunes that
@@ -132,13 +127,13 @@ def projection_scores(model: nn.Module, masks: Mapping[str, torch.Tensor] | None
         raise ValueError(f'scope: {scope!r} is not allowed; use one of {SCOPES}')
     weights, masks = _weights_and_masks(model, masks, ignore)
     trained = {n: w.detach().clone() for n, w in weights.items()}
-    scores: dict[float, tuple[float, float]] = {}
+    scores: dict[float, dict[str, float]] = {}
     try:
         for fraction in fractions:
             projected = magnitude_masks(trained, fraction, masks, scope) if fraction > 0 else masks
             for name, weight in weights.items():
                 weight.copy_(trained[name]).masked_fill_(~projected[name], 0.0)
-            scores[float(fraction)] = tuple(float(v) for v in evaluate(model))
+            scores[float(fraction)] = {name: float(value) for name, value in evaluate(model).items()}
     finally:
         for name, weight in weights.items():
             weight.copy_(trained[name])
@@ -146,71 +141,44 @@ def projection_scores(model: nn.Module, masks: Mapping[str, torch.Tensor] | None
 
 
 def max_prune_fraction(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
-                       batches: Iterable[Any], *, p_min: float = 0.2, p_max: float = 0.6, tolerance: float = 0.01,
-                       metric: str = 'error', resolution: float = 0.05, candidates: Sequence[float] | None = None,
-                       scope: str = 'global', ignore: Iterable[str] = (),
-                       forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-                       reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+                       evaluate: Evaluate | Iterable[Any], *, p_min: float = 0.2, p_max: float = 0.6,
+                       tolerance: float = 0.01, metric: str = 'error', resolution: float = 0.05,
+                       candidates: Sequence[float] | None = None, scope: str = 'global',
+                       ignore: Iterable[str] = ()) -> dict[str, Any]:
     """The largest fraction of the alive weights of a trained network that can be pruned at once, by projection.
 
     Args:
-        model: the trained network (a plain module, or a ComposerModel with a matching ``forward``).
+        model: the trained network.
         masks: the mask it was trained under (``None``: dense).
-        batches: fixed, re-iterable ``(inputs, targets)`` batches (a list, or a DataLoader without shuffling or
-            augmentation); class-index targets.
+        evaluate: ``evaluate(model) -> {name: value}`` with lower-is-better values, on fixed data (a train subset
+            without augmentation); or fixed, re-iterable ``(inputs, targets)`` batches with class-index targets, scored
+            by :class:`~composer_imp.functional.ClassificationScorer` (``'error'``, ``'loss'``) on ``model(inputs)``.
         p_min, p_max: the range searched, fractions of the *remaining* weights, 0 < p_min < p_max < 1.
-        tolerance: largest admissible increase of the metric over the unpruned network: absolute error (0.01 =
-            1 percentage point) for ``metric='error'``, nats of mean cross-entropy for ``metric='loss'``.
-        metric: ``'error'`` (fraction misclassified) or ``'loss'`` (cross-entropy).
+        tolerance: largest admissible increase of ``metric`` over the unpruned network: absolute error (0.01 =
+            1 percentage point) for ``'error'``, nats of mean cross-entropy for ``'loss'``.
+        metric: the value of ``evaluate`` the search reads (the others are recorded).
         resolution, candidates: see :func:`search_fraction`.
         scope, ignore: as in IMP (``ignore`` only when ``masks`` is None).
-        forward: ``(model, batch) -> logits``; default ``model(inputs)`` on the model's device.
-        reduce: sums the running totals ``(errors, loss, samples)`` across processes (DDP), so every rank decides alike.
 
     Returns ``{'fraction', 'admissible', 'tried', 'reference', 'metric', 'evaluations', 'samples'}``: ``tried`` holds
-    ``{'fraction', 'delta', 'error', 'loss'}`` per evaluated p, ``reference`` the ``{'error', 'loss'}`` of the
-    unpruned network, ``evaluations`` the number of passes over ``batches`` (reference included) and ``samples`` the
-    samples of one pass (summed over processes with ``reduce``). The model is left as it came.
+    ``{'fraction', 'delta', <every value>}`` per evaluated p, ``reference`` the values of the unpruned network,
+    ``evaluations`` the number of evaluations (reference included) and ``samples`` the samples of one evaluation
+    (``evaluate.samples``, None when it does not count them). The model is left as it came.
     """
     check_fraction_range(p_min, p_max, tolerance, resolution, candidates)
-    if metric not in PROJECTION_METRICS:
-        raise ValueError(f'metric: {metric!r} is not allowed; use one of {PROJECTION_METRICS}')
-    if forward is None:
-        def forward(m: nn.Module, batch: Any) -> torch.Tensor:
-            device = next(iter(m.parameters())).device
-            return m(batch[0].to(device))
-
-    samples = [0]
-
-    def evaluate(m: nn.Module) -> tuple[float, float]:
-        counted = [0]
-
-        def pairs():
-            for batch in batches:
-                targets = batch[1]
-                outputs = forward(m, batch)
-                counted[0] += int(targets.shape[0])
-                yield outputs, targets.to(outputs.device)
-
-        with training_mode(m, False):
-            result = error_and_loss(pairs(), reduce=reduce)
-        samples[0] = counted[0]
-        return result
-
-    index = PROJECTION_METRICS.index(metric)
+    evaluate = evaluate if callable(evaluate) else ClassificationScorer(evaluate)
     reference = projection_scores(model, masks, [0.0], evaluate, scope, ignore)[0.0]
-    scored: dict[float, tuple[float, float]] = {}
+    if metric not in reference:
+        raise ValueError(f'metric: {metric!r} is not allowed; evaluate gives {sorted(reference)}')
+    scored: dict[float, dict[str, float]] = {}
 
     def delta(p: float) -> float:
         scored[p] = projection_scores(model, masks, [p], evaluate, scope, ignore)[p]
-        return scored[p][index] - reference[index]
+        return scored[p][metric] - reference[metric]
 
     result = search_fraction(delta, p_min, p_max, tolerance, resolution=resolution, candidates=candidates)
     for entry in result['tried']:
-        entry['error'], entry['loss'] = scored[entry['fraction']]
-    samples_per_pass = samples[0]
-    if reduce is not None:
-        samples_per_pass = int(reduce(torch.tensor([float(samples_per_pass)], dtype=torch.float64))[0])
-    result.update({'reference': {'error': reference[0], 'loss': reference[1]}, 'metric': metric,
-                   'evaluations': 1 + len(result['tried']), 'samples': samples_per_pass})
+        entry.update(scored[entry['fraction']])
+    result.update({'reference': reference, 'metric': metric, 'evaluations': 1 + len(result['tried']),
+                   'samples': getattr(evaluate, 'samples', None)})
     return result

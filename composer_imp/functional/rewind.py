@@ -26,19 +26,26 @@ def snapshot(model: nn.Module, device: torch.device | str | None = None) -> dict
 def rewind(model: nn.Module, rewind_point: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None) -> None:
     """Copy ``rewind_point`` into ``model`` in place, then prune it with ``masks``.
 
-    In place (``copy_``) so that optimizers, DDP and anything else holding the parameters keep working.
+    In place (``copy_``) so that optimizers, DDP and anything else holding the parameters keep working. A tied tensor
+    (one tensor under several ``state_dict`` keys) is copied once; its entries must be equal.
     Raises ``ValueError`` when the keys or shapes do not fit the model.
     """
     state = model.state_dict(keep_vars=True)
     if set(state) != set(rewind_point):
         missing, extra = sorted(set(state) - set(rewind_point)), sorted(set(rewind_point) - set(state))
         raise ValueError(f'rewind point: keys do not match the model (missing {missing}, unexpected {extra})')
+    first_key = {}
     for name, target in state.items():
         source = rewind_point[name]
         if source.shape != target.shape:
             raise ValueError(
                 f'rewind point[{name!r}]: shape {tuple(source.shape)} does not match the model {tuple(target.shape)}')
-        target.copy_(source)
+        tied_to = first_key.setdefault(id(target), name)
+        if tied_to == name:
+            target.copy_(source)
+        elif not torch.equal(source, rewind_point[tied_to]):
+            # copying both would silently leave whichever came last
+            raise ValueError(f'rewind point[{name!r}]: differs from {tied_to!r}, which is the same tensor in the model')
     if masks is not None:
         apply_masks(model, masks)
 

@@ -305,8 +305,8 @@ def build_report(run_dir: str) -> str:
         lines += ['', '| level | density | seeds | barrier (max − mean) | barrier (linear) | threshold | stable | '
                   'endpoint errors | file |', '|---|---:|---|---:|---:|---:|---|---|---|']
         for result in run['instability']:
-            errors = result.get('errors') or []
-            ends = f'{100 * errors[0]:.2f}%, {100 * errors[-1]:.2f}%' if errors else '—'
+            curve, _ = plots.path_values(result['metric'], result['values'][result['metric']])
+            ends = ', '.join(f'{v:.2f}' + ('%' if result['metric'] == 'error' else '') for v in (curve[0], curve[-1]))
             density = result.get('density')
             lines.append(f'| {result.get("level")} | {"—" if density is None else f"{100 * density:.3g}%"} | '
                          f'{", ".join(str(s) for s in result.get("seeds", []))} | '
@@ -327,7 +327,7 @@ def build_report(run_dir: str) -> str:
         'levels': rows,
         'totals': _totals(records) if records else None,
         'plots': {k: os.path.relpath(v, run_dir) for k, v in made.items() if v},
-        'instability': [{k: v for k, v in r.items() if k not in ('alphas', 'errors', 'losses')}
+        'instability': [{k: v for k, v in r.items() if k not in ('alphas', 'values')}
                         for r in run['instability']],
     }
     with open(os.path.join(run_dir, REPORT_JSON), 'w') as f:

@@ -21,6 +21,8 @@ class LevelTable(Callback):
     ``imp/matching``. Written with ``tqdm.write`` so that Composer's progress bar stays intact.
     """
 
+    imp_rewind = False  # what it printed carries across levels; IMP must not replay it with the run
+
     def __init__(self, matching_tolerance: Optional[float] = None, stream: Optional[TextIO] = None):
         self.matching_tolerance = matching_tolerance
         self.stream = stream

@@ -37,6 +37,13 @@ def _percent_axis(axis: Any) -> None:
     axis.set_major_formatter(FuncFormatter(lambda v, _: f'{100 * v:g}%'))
 
 
+def path_values(metric: str, values: Sequence[float]) -> tuple[list[float], str]:
+    """A path's curve of ``metric`` (the LMC evaluator's headline value) and its axis label: errors in percent."""
+    if metric == 'error':
+        return [100 * v for v in values], 'test error (%)'
+    return list(values), f'test {metric}'
+
+
 def accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str, tolerance: float,
                         title: str = '') -> Optional[str]:
     """Test accuracy against density (log axis, sparser to the right) with the dense level-0 band
@@ -82,52 +89,59 @@ def accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str, tolerance:
 
 
 def barrier_per_level(rows: Sequence[Mapping[str, Any]], path: str, threshold: Optional[float] = None) -> Optional[str]:
-    """The linear-interpolation error barrier between level L-1 and level L, per level; matching levels filled."""
+    """The linear-interpolation barrier between level L-1 and level L, per level; matching levels filled. Error
+    barriers in percentage points, barriers on another value (``barrier_metric``, e.g. the loss) in its units."""
     points = [r for r in rows if r['barrier'] is not None]
     if not points:
         return None
+    metric = points[0].get('barrier_metric', 'error')
+    scale, unit = (100, 'pp') if metric == 'error' else (1, metric)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     labels = [f'L{r["level"]}\n{100 * r["density"]:.3g}%' + ('\n(rej.)' if not r['accepted'] else '')
               for r in points]
     x = list(range(len(points)))
     colors = ['tab:green' if r['matching'] else 'tab:red' if r['matching'] is not None else 'tab:gray'
               for r in points]
-    bars = ax.bar(x, [100 * r['barrier'] for r in points], color=colors, edgecolor='black', lw=0.5)
+    bars = ax.bar(x, [scale * r['barrier'] for r in points], color=colors, edgecolor='black', lw=0.5)
     for bar, row in zip(bars, points):
         if not row['accepted']:
             bar.set_hatch('//')
             bar.set_alpha(0.5)
     if threshold is not None:
-        ax.axhline(100 * threshold, color='black', ls='--', lw=1, label=f'connected threshold {100 * threshold:g} pp')
+        ax.axhline(scale * threshold, color='black', ls='--', lw=1,
+                   label=f'connected threshold {scale * threshold:g} {unit}')
     handles = [plt.Rectangle((0, 0), 1, 1, color='tab:green'), plt.Rectangle((0, 0), 1, 1, color='tab:red')]
     extra, names = ax.get_legend_handles_labels()
     ax.legend(handles + extra, ['matching', 'not matching'] + names, fontsize=8)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel('error barrier, level L−1 → L (pp)')
-    ax.set_title('Successive-level error barrier')
+    ax.set_ylabel(f'{metric} barrier, level L−1 → L ({unit})')
+    ax.set_title(f'Successive-level {metric} barrier')
     ax.grid(alpha=0.3, axis='y')
     return _save(fig, path)
 
 
 def interpolation_paths(records: Sequence[Mapping[str, Any]], path: str) -> Optional[str]:
-    """Test error along the straight line from level L-1's trained network (α = 0) to level L's (α = 1)."""
+    """The headline value (test error by default) along the straight line from level L-1's trained network (α = 0)
+    to level L's (α = 1)."""
     curves = [r for r in records if isinstance(r.get('lmc/curve'), Mapping) and r['lmc/curve'].get('alphas')]
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     cmap = plt.get_cmap('viridis')
+    ylabel = ''
     for index, record in enumerate(curves):
         curve = record['lmc/curve']
+        ys, ylabel = path_values(record.get('lmc/metric', 'error'), curve[record.get('lmc/metric', 'error')])
         color = cmap(index / max(1, len(curves) - 1))
         style = '-' if record.get('accepted', True) else ':'
         label = f'L{record["level"] - 1}→L{record["level"]} ({100 * float(record["density"]):.3g}%)'
         if not record.get('accepted', True):
             label += ' rejected'
-        ax.plot(curve['alphas'], [100 * e for e in curve['errors']], style, marker='.', color=color, label=label)
+        ax.plot(curve['alphas'], ys, style, marker='.', color=color, label=label)
     ax.set_xlabel('α (0: level L−1 solution, 1: level L solution)')
-    ax.set_ylabel('test error (%)')
-    ax.set_title('Error along the linear path between successive levels')
+    ax.set_ylabel(ylabel)
+    ax.set_title('Along the linear path between successive levels')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(curves) > 8 else 1)
     return _save(fig, path)
@@ -159,14 +173,16 @@ def adaptive_fractions(rows: Sequence[Mapping[str, Any]], path: str, p_min: Opti
 
 
 def instability_curve(result: Mapping[str, Any], path: str) -> Optional[str]:
-    """Test error along the path between the two children of an instability analysis."""
+    """The headline value (test error by default) along the path between the two children of an instability
+    analysis."""
     if not result.get('alphas'):
         return None
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    ax.plot(result['alphas'], [100 * e for e in result['errors']], '-o', ms=3)
+    ys, ylabel = path_values(result['metric'], result['values'][result['metric']])
+    ax.plot(result['alphas'], ys, '-o', ms=3)
     seeds = result.get('seeds', ['?', '?'])
     ax.set_xlabel(f'α (0: child seed {seeds[0]}, 1: child seed {seeds[1]})')
-    ax.set_ylabel('test error (%)')
+    ax.set_ylabel(ylabel)
     ax.set_title(f'Instability, level {result.get("level")}: barrier {100 * result["barrier_max_minus_mean"]:.2f} pp')
     ax.grid(alpha=0.3)
     return _save(fig, path)

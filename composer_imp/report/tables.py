@@ -1,13 +1,16 @@
-"""Per-level and per-layer tables from IMP's level records (``levels.jsonl`` / ``IMP.history``). Pure Python.
+"""Per-level and per-layer tables from IMP's level records (``levels.jsonl`` / ``IMP.history``).
 
 One row per trained level, rejected attempts of the adaptive step included. Units: density and accuracy as fractions
-in the records, shown in percent; barriers are absolute errors in the records, shown in percentage points (pp).
+in the records, shown in percent; error barriers are absolute errors in the records, shown in percentage points (pp),
+barriers on another value (the LMC evaluator's ``lmc/metric``, e.g. the loss) in that value's units.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
+
+from composer_imp.functional.barrier import is_matching
 
 __all__ = ['DEFAULT_MATCHING_TOLERANCE', 'accuracy_key', 'level_rows', 'markdown_level_table', 'console_header',
            'console_row', 'layer_density_table', 'is_adaptive', 'LEVEL_COLUMNS']
@@ -61,7 +64,7 @@ def level_rows(records: Sequence[Mapping[str, Any]], matching_tolerance: Optiona
         level = int(record.get('level', 0))
         matching = record.get('imp/matching')
         if matching is None and level > 0 and acc is not None and dense_acc is not None:
-            matching = acc >= dense_acc - tolerance - 1e-12
+            matching = is_matching(1.0 - acc, 1.0 - dense_acc, tolerance)
         accepted = bool(record.get('accepted', True))
         step = record.get('step') or {}
         verify = record.get('verify') or {}
@@ -81,6 +84,7 @@ def level_rows(records: Sequence[Mapping[str, Any]], matching_tolerance: Optiona
             'delta': None if acc is None or dense_acc is None or level == 0 else acc - dense_acc,
             'matching': None if level == 0 else matching,
             'barrier': _finite(record.get('lmc/barrier')),
+            'barrier_metric': record.get('lmc/metric', 'error'),
             'connected': record.get('lmc/connected'),
             'fraction': _finite(step.get('fraction')),
             'reason': step.get('reason'),
@@ -106,7 +110,12 @@ def _yes(value: Any) -> str:
 
 
 def _cells(row: Mapping[str, Any]) -> list[str]:
-    barrier = '—' if row['barrier'] is None else f'{100 * row["barrier"]:.2f} pp'
+    if row['barrier'] is None:
+        barrier = '—'
+    elif row.get('barrier_metric', 'error') == 'error':
+        barrier = f'{100 * row["barrier"]:.2f} pp'
+    else:  # a loss (nats) or another value, in its own units
+        barrier = f'{row["barrier"]:.3g} {row["barrier_metric"]}'
     fraction = '—' if row['fraction'] is None else f'{100 * row["fraction"]:.1f}%'
     if row['fraction'] is not None and row.get('reason'):
         fraction += f' ({row["reason"]})'

@@ -11,37 +11,44 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from composer.core import State
 from composer.loggers import Logger
-from composer.utils import dist
+from composer.utils import dist, model_eval_mode
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from composer_imp.algorithms.imp.sparsity_step import SparsityStep, levels_to_density
 from composer_imp.evaluation import (
-    DeviceBatches,
+    Scorer,
+    check_metric_name,
+    evaluator_batches,
+    find_evaluator,
+    preserve_loader_generators,
     preserve_rng,
-    seeded_rng,
+    resolve_value,
+    resolve_values,
+    samples_in_batch,
     sum_over_ranks,
+    train_batches,
     unwrap_model,
     without_persistent_workers,
 )
-from composer_imp.functional.barrier import alpha_grid, error_and_loss, error_curve, is_matching
+from composer_imp.functional.barrier import alpha_grid, is_matching, metric_curve
 from composer_imp.functional.flops import FORWARD_FLOPS_PER_MAC, sparse_macs
-from composer_imp.functional.interpolate import training_mode
 from composer_imp.functional.masks import alive_count, layer_densities, magnitude_masks
-from composer_imp.functional.projection import PROJECTION_METRICS, check_fraction_range, max_prune_fraction
+from composer_imp.functional.projection import check_fraction_range, max_prune_fraction
 
 if TYPE_CHECKING:
     from composer_imp.algorithms.imp.imp import IMP
 
-__all__ = ['AdaptiveSparsityStep', 'BACKOFF_ON', 'max_prune_fraction', 'compute_totals']
+__all__ = ['AdaptiveSparsityStep', 'BACKOFF_ON', 'PROJECTION_METRICS', 'max_prune_fraction', 'compute_totals']
 
 BACKOFF_ON = ('matching', 'barrier', 'either')
+PROJECTION_METRICS = ('error', 'loss')
 
 
 class AdaptiveSparsityStep(SparsityStep):
@@ -55,9 +62,10 @@ class AdaptiveSparsityStep(SparsityStep):
        (bisection from p_max, or ``candidates`` refined by bisection); ``p_min`` when none does. It never prunes
        past ``target_density``, and goes straight to it when it would otherwise stop less than half a ``p_min`` step
        short (so the last step may exceed ``p_max`` by that much).
-    2. **Verification.** After level L+1 has trained, it must be *matching* on ``val_dataloader``: error at most the
-       dense (level-0) error + ``matching_tolerance`` + ``noise_z`` paired standard errors; with ``backoff_on`` of
-       ``'barrier'`` or ``'either'`` also linearly connected to w_L. If not, IMP discards it, restores level L's mask
+    2. **Verification.** After level L+1 has trained, it must be *matching* on ``val_dataloader``: its
+       ``verify_metric`` (default: error) at most the dense (level-0) value + ``matching_tolerance`` (+ ``noise_z``
+       paired standard errors for the error); with ``backoff_on`` of ``'barrier'`` or ``'either'`` also linearly
+       connected to w_L on the same value. If not, IMP discards it, restores level L's mask
        and trained weights exactly, and level L+1 is trained again with half the step in log-density
        (``1 - sqrt(1 - p)``; the last of ``max_backoffs`` retries uses ``p_min``).
     3. **End of the matching range.** A level that fails at ``p_min`` is accepted (a fixed ``p_min`` step would have
@@ -67,9 +75,9 @@ class AdaptiveSparsityStep(SparsityStep):
     Args:
         p_min: smallest step and fallback, a fraction of the *remaining* prunable weights (the fixed-IMP 0.2).
         p_max: largest step tried. 0 < p_min < p_max < 1.
-        projection_tolerance: admissible rise of the probe metric caused by the extra pruning: nats of mean
-            cross-entropy for ``'loss'``, absolute error (0.02 = 2 percentage points of train error) for ``'error'``.
-        projection_metric: ``'loss'`` (mean cross-entropy) or ``'error'`` (fraction misclassified).
+        projection_tolerance: admissible rise of the probe metric caused by the extra pruning: nats of the model's
+            loss for ``'loss'``, absolute error (0.02 = 2 percentage points of train error) for ``'error'``.
+        projection_metric: ``'loss'`` (the model's own loss) or ``'error'`` (1 - its accuracy metric).
         resolution: the bisection stops when the admissible interval is narrower than this (a fraction).
         candidates: ascending grid of fractions in [p_min, p_max] to try instead of starting from p_max.
         probe_samples: size of the probe (over all ranks). Default source: a fixed random subset of the train
@@ -77,21 +85,27 @@ class AdaptiveSparsityStep(SparsityStep):
         probe_dataloader: batches to take the probe from instead (first ``probe_samples`` samples, cached once);
             use it for an un-augmented copy of the training data or when the train DataSpec has batch transforms.
         val_dataloader: held-out *training* data on which verification measures matching (and barriers); the dense
-            error is measured on it at the end of level 0. Without it, verification reads ``imp/matching`` and
-            ``lmc/connected`` from an attached ``LMCEvaluator``, which measures on the run's evaluator: if that is the
-            test split, test data steer the back-offs (a warning says so and the record names the split).
+            value is measured on it at the end of level 0. Without it, verification measures on the run's first
+            evaluator: if that is the test split, test data steer the back-offs (a warning says so and the record
+            names the split).
+        verify_metric: what verification compares with the dense level: a value name as in ``LMCEvaluator(metric=)``
+            (``'error'``, ``'loss'``, ``'perplexity'``, ``'cross_entropy'`` or an eval metric's name) measured on the
+            verification data through the model's own metrics, or a callable ``model -> float`` (lower is better,
+            the same on every rank) that measures it on its own data.
         backoff_on: which failed check triggers a back-off: ``'matching'``, ``'barrier'`` or ``'either'``.
-        matching_tolerance: absolute validation error above the dense error still called matching (0.01 = 1 point).
-        barrier_tolerance: largest linear-interpolation barrier (absolute error) still called connected.
+        matching_tolerance: how far above the dense value a level still counts as matching, in ``verify_metric``'s
+            units (0.01 = 1 point of error).
+        barrier_tolerance: largest linear-interpolation barrier (same units) still called connected.
         noise_z: paired standard errors of (level error - dense error) added to ``matching_tolerance`` before a
-            level counts as failed, so that validation noise alone rarely triggers a back-off (0: none).
+            level counts as failed, so that validation noise alone rarely triggers a back-off (0: none). Needs
+            per-sample predictions: used for ``verify_metric='error'`` on class-score outputs, else the margin is 0.
         alphas: interpolation points of the verification barrier (an int, or values including 0 and 1).
         max_backoffs: retries of one level before it is accepted at ``p_min`` (>= 1).
         max_levels: stop after this many accepted pruned levels even if ``target_density`` is not reached (a compute
             bound; the report then says the target was not reached). ``None``: no bound.
 
     Everything the step decides goes into ``levels.jsonl``: the level's ``step`` (fraction, reason, candidates with
-    probe error/loss and delta, back-off count, check cost) and ``verify`` (validation error, dense error, noise
+    probe error/loss and delta, back-off count, check cost) and ``verify`` (metric, value, dense value, noise
     margin, barrier, outcome, cost), and the scalars ``adaptive/...`` into the logger. Identical on every rank: probe
     and validation totals are all-reduced and the chosen fraction and verdict are broadcast from rank 0.
     """
@@ -109,6 +123,7 @@ class AdaptiveSparsityStep(SparsityStep):
         probe_samples: int = 2048,
         probe_dataloader: Optional[Iterable[Any]] = None,
         val_dataloader: Optional[Iterable[Any]] = None,
+        verify_metric: Union[str, Callable[[nn.Module], float]] = 'error',
         backoff_on: str = 'matching',
         matching_tolerance: float = 0.01,
         barrier_tolerance: float = 0.02,
@@ -122,6 +137,8 @@ class AdaptiveSparsityStep(SparsityStep):
                              None if candidates is None else list(candidates))
         if projection_metric not in PROJECTION_METRICS:
             raise ValueError(f'projection_metric: {projection_metric!r} is not allowed; use one of {PROJECTION_METRICS}')
+        if not callable(verify_metric):
+            check_metric_name(verify_metric, 'verify_metric')
         if isinstance(probe_samples, bool) or not isinstance(probe_samples, int) or probe_samples < 1:
             raise ValueError(f'probe_samples: {probe_samples!r} is not allowed; use a number of samples >= 1')
         if backoff_on not in BACKOFF_ON:
@@ -147,6 +164,7 @@ class AdaptiveSparsityStep(SparsityStep):
         self.probe_samples = probe_samples
         self.probe_dataloader = probe_dataloader
         self.val_dataloader = val_dataloader
+        self.verify_metric = verify_metric
         self.backoff_on = backoff_on
         self.matching_tolerance = float(matching_tolerance)
         self.barrier_tolerance = float(barrier_tolerance)
@@ -159,13 +177,16 @@ class AdaptiveSparsityStep(SparsityStep):
         self._retry_fraction: Optional[float] = None  # set by a rejection, used by the next fraction() call
         self._floor_failures = 0  # consecutive levels that failed verification at p_min
         self._matching_lost = False  # two such failures in a row: the end of the matching range
-        self._dense_val_error: Optional[float] = None
-        self._dense_val_correct: Optional[list[torch.Tensor]] = None  # per rank: level 0 right on each val sample
+        self._dense_value: Optional[float] = None  # level 0's verify_metric on the verification data
+        self._dense_correct: Optional[list[Optional[torch.Tensor]]] = None  # per rank: level 0 right on each sample
         self._parent = {'alive': 0, 'total': 0, 'level': 0}  # the accepted level the current one was pruned from
         self._verified_on: Optional[str] = None
 
         self._probe: Optional[list[Any]] = None  # cached probe batches (CPU); rebuilt at setup, never checkpointed
         self._probe_model: Optional[nn.Module] = None
+        self._projection: Optional[Scorer] = None  # scores the probe; built at setup
+        self._verification: Optional[Callable[[nn.Module], dict[str, float]]] = None  # built at setup
+        self._verified_value = ''  # the name of the verification value
 
     # ------------------------------------------------------------------ SparsityStep interface
     def check(self, imp: 'IMP') -> None:
@@ -179,27 +200,39 @@ class AdaptiveSparsityStep(SparsityStep):
             raise ValueError('probe_dataloader: AdaptiveSparsityStep needs a train subset for its projection check, '
                              'and the Trainer has no train_dataloader yet; pass train_dataloader to the Trainer '
                              'constructor (not to fit()) or give AdaptiveSparsityStep(probe_dataloader=...)')
-        if self.val_dataloader is not None:
-            self._verified_on = 'val'
-        else:
-            from composer_imp.callbacks.lmc_evaluator import LMCEvaluator  # callbacks import algorithms: import late
-
-            lmc = [c for c in state.callbacks if isinstance(c, LMCEvaluator)]
-            if not lmc:
-                raise ValueError('val_dataloader: AdaptiveSparsityStep verifies each level on held-out data and has '
-                                 'none; pass val_dataloader (a split carved from the training data), or attach '
-                                 "LMCEvaluator to use the run's evaluator instead (not advised if it is the test split)")
-            label = lmc[0].eval_label or (state.evaluators[0].label if state.evaluators else 'eval')
-            self._verified_on = f'eval:{label}'
-            warnings.warn(f'AdaptiveSparsityStep: no val_dataloader, so back-offs use LMCEvaluator\'s imp/matching and '
-                          f'lmc/connected, measured on the evaluator {label!r}. If that is the test split, test data '
-                          'choose the steps and the final test accuracy is not an unbiased estimate; pass '
-                          'val_dataloader with held-out training data instead.')
+        self._verification = self._build_verification(state)
         with preserve_rng(state):
             self._probe = self._cache_probe(state)
         if not self._probe:
             raise ValueError('probe_dataloader: the train subset for the projection check is empty; give a dataloader '
                              'that yields at least one batch')
+        metrics = unwrap_model(state).get_metrics(is_train=False)
+        self._projection = Scorer(state, train_batches(state, self._probe), metrics,
+                                  resolve_values(metrics, self.projection_metric, 'projection_metric'))
+
+    def _build_verification(self, state: State) -> Callable[[nn.Module], dict[str, float]]:
+        """``model -> {name: value}`` on the verification data, with ``samples`` and ``correct`` of the last call."""
+        if callable(self.verify_metric):
+            self._verified_on, self._verified_value = 'callable', 'value'
+            return _CallableValue(state, self.verify_metric)
+        if self.val_dataloader is not None:
+            self._verified_on = 'val'
+            batches, metrics = train_batches(state, self.val_dataloader), unwrap_model(state).get_metrics(is_train=False)
+        else:
+            if not state.evaluators:
+                raise ValueError('val_dataloader: AdaptiveSparsityStep verifies each level on held-out data and has '
+                                 'none, and the run has no evaluator; pass val_dataloader (a split carved from the '
+                                 'training data) or a callable verify_metric')
+            evaluator = find_evaluator(state)
+            self._verified_on = f'eval:{evaluator.label}'
+            warnings.warn(f'AdaptiveSparsityStep: no val_dataloader, so back-offs are decided on the evaluator '
+                          f'{evaluator.label!r}. If that is the test split, test data choose the steps and the final '
+                          'test accuracy is not an unbiased estimate; pass val_dataloader with held-out training data '
+                          'instead.')
+            batches, metrics = evaluator_batches(state, evaluator), state.eval_metrics[evaluator.label]
+        value = resolve_value(self.verify_metric, metrics, 'verify_metric')
+        self._verified_value = value.name
+        return Scorer(state, batches, metrics, [value], per_sample=value.name == 'error')
 
     def fraction(self, state: State, imp: 'IMP', logger: Logger) -> float:
         start = time.perf_counter()
@@ -213,9 +246,9 @@ class AdaptiveSparsityStep(SparsityStep):
         decision: dict[str, Any] = {'parent_level': self._parent['level'], 'parent_density': parent_density,
                                     'attempt': self._backoffs, 'projection': None}
         with preserve_rng(state):
-            if imp.level == 0 and not retry and self.val_dataloader is not None:
+            if imp.level == 0 and not retry:
                 self._measure_dense(state, imp, cost)
-                decision['dense_val_error'] = self._dense_val_error
+                decision['dense_value'] = self._dense_value
             if retry:
                 fraction, reason = self._retry_fraction, 'backoff'
             elif self._matching_lost:
@@ -256,16 +289,10 @@ class AdaptiveSparsityStep(SparsityStep):
         cost = {'samples': 0, 'flops': 0.0}
         verify: dict[str, Any] = {'on': self._verified_on, 'backoff_on': self.backoff_on}
         with preserve_rng(state):
-            if self._verified_on == 'val':
-                checks = self._verify_on_val(state, imp, verify, cost)
-            else:
-                checks = {'matching': record.get('imp/matching'), 'connected': record.get('lmc/connected')}
-                if checks['matching'] is None:
-                    raise RuntimeError('AdaptiveSparsityStep: the level record has no imp/matching from LMCEvaluator; '
-                                       'pass val_dataloader to AdaptiveSparsityStep')
+            checks = self._verify(state, imp, verify, cost)
         verify.update(checks)
-        matching = 'matching_up_to_noise' if 'matching_up_to_noise' in checks else 'matching'
-        wanted = {'matching': [matching], 'barrier': ['connected'], 'either': [matching, 'connected']}[self.backoff_on]
+        wanted = {'matching': ['matching_up_to_noise'], 'barrier': ['connected'],
+                  'either': ['matching_up_to_noise', 'connected']}[self.backoff_on]
         passed = all(bool(checks.get(name)) for name in wanted)
         passed = bool(_broadcast_float(state, float(passed)))
         fraction = self._fraction if self._fraction is not None else self.p_min
@@ -290,9 +317,9 @@ class AdaptiveSparsityStep(SparsityStep):
         record['verify'] = verify
         record.update({'adaptive/verified': passed, 'adaptive/backoff': not accepted,
                        'adaptive/matching_lost': self._matching_lost})
-        for name in ('val_error', 'barrier'):
-            if name in verify:
-                record[f'adaptive/{name}'] = verify[name]
+        record[f'adaptive/verify/{verify["metric"]}'] = verify['value']
+        if 'barrier' in verify:
+            record['adaptive/barrier'] = verify['barrier']
         for name in ('matching', 'matching_up_to_noise', 'connected'):
             if checks.get(name) is not None:
                 record[f'adaptive/{name}'] = bool(checks[name])
@@ -313,8 +340,8 @@ class AdaptiveSparsityStep(SparsityStep):
             'retry_fraction': self._retry_fraction,
             'matching_lost': self._matching_lost,
             'floor_failures': self._floor_failures,
-            'dense_val_error': self._dense_val_error,
-            'dense_val_correct': self._dense_val_correct,
+            'dense_value': self._dense_value,
+            'dense_correct': self._dense_correct,
             'parent': dict(self._parent),
         }
 
@@ -325,8 +352,8 @@ class AdaptiveSparsityStep(SparsityStep):
         self._retry_fraction = state.get('retry_fraction')
         self._matching_lost = state.get('matching_lost', False)
         self._floor_failures = state.get('floor_failures', 0)
-        self._dense_val_error = state.get('dense_val_error')
-        self._dense_val_correct = state.get('dense_val_correct')
+        self._dense_value = state.get('dense_value')
+        self._dense_correct = state.get('dense_correct')
         self._parent = dict(state.get('parent', self._parent))
 
     # ------------------------------------------------------------------ the projection check
@@ -334,10 +361,8 @@ class AdaptiveSparsityStep(SparsityStep):
         probe = self._load_probe_model(state)
         masks = imp.masks
         result = max_prune_fraction(
-            probe, masks, DeviceBatches(state, self._probe), p_min=self.p_min, p_max=self.p_max,
-            tolerance=self.projection_tolerance, metric=self.projection_metric, resolution=self.resolution,
-            candidates=self.candidates, scope=imp.scope, forward=lambda m, b: m.eval_forward(b),
-            reduce=sum_over_ranks(state))
+            probe, masks, self._projection, p_min=self.p_min, p_max=self.p_max, tolerance=self.projection_tolerance,
+            metric=self.projection_metric, resolution=self.resolution, candidates=self.candidates, scope=imp.scope)
         # Cost: one forward pass over the probe per evaluation, at the density of the network evaluated.
         self._add_cost(cost, imp, result['samples'], masks)
         weights = {n: p for n, p in probe.named_parameters() if n in masks}
@@ -356,49 +381,49 @@ class AdaptiveSparsityStep(SparsityStep):
         return 1.0 - max(keep, 0) / alive if alive else 0.0
 
     # ------------------------------------------------------------------ verification
-    def _verify_on_val(self, state: State, imp: 'IMP', verify: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
+    def _verify(self, state: State, imp: 'IMP', verify: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
         model = unwrap_model(state)
+        measure, name = self._verification, self._verified_value
         checks: dict[str, Any] = {}
         parent = imp.previous_level_state
-        scorer = _ValScorer(self, state)
         if self.backoff_on != 'matching' and parent is not None:
             probe = self._load_probe_model(state)
-            curve = error_curve(probe, parent, model.state_dict(), self.alphas, scorer)  # alpha = 1 is scored last
-            error = curve['errors'][-1]
+            curve = metric_curve(probe, parent, model.state_dict(), self.alphas, measure)  # alpha = 1 is scored last
+            value = curve['values'][name][-1]
             # Interior points of the path live in the parent's (denser) subspace: cost them at its nonzeros.
             parent_support = {n: parent[n] != 0 for n in imp.masks}
             for alpha in curve['alphas']:
-                self._add_cost(cost, imp, scorer.samples, imp.masks if alpha == 1.0 else parent_support)
-            verify.update({'barrier': curve['barrier_linear'], 'curve': {'alphas': curve['alphas'],
-                                                                          'errors': curve['errors']}})
-            checks['connected'] = curve['barrier_linear'] <= self.barrier_tolerance
+                self._add_cost(cost, imp, measure.samples, imp.masks if alpha == 1.0 else parent_support)
+            verify.update({'barrier': curve['barrier_linear'][name],
+                           'curve': {'alphas': curve['alphas'], name: curve['values'][name]}})
+            checks['connected'] = curve['barrier_linear'][name] <= self.barrier_tolerance
         else:
-            error, _ = scorer(model)
-            self._add_cost(cost, imp, scorer.samples, imp.masks)
-        if self._dense_val_error is None:
-            raise RuntimeError('AdaptiveSparsityStep: no dense validation error; it is measured at the end of level 0')
-        margin = self.noise_z * self._paired_standard_error(state, scorer.correct)
-        checks['matching'] = is_matching(error, self._dense_val_error, self.matching_tolerance)
-        checks['matching_up_to_noise'] = is_matching(error, self._dense_val_error, self.matching_tolerance + margin)
-        verify.update({'val_error': error, 'dense_val_error': self._dense_val_error, 'val_samples': scorer.samples,
+            value = measure(model)[name]
+            self._add_cost(cost, imp, measure.samples, imp.masks)
+        if self._dense_value is None:
+            raise RuntimeError('AdaptiveSparsityStep: no dense value; it is measured at the end of level 0')
+        margin = self.noise_z * self._paired_standard_error(state, measure.correct)
+        checks['matching'] = is_matching(value, self._dense_value, self.matching_tolerance)
+        checks['matching_up_to_noise'] = is_matching(value, self._dense_value, self.matching_tolerance + margin)
+        verify.update({'metric': name, 'value': value, 'dense_value': self._dense_value, 'samples': measure.samples,
                        'matching_tolerance': self.matching_tolerance, 'noise_margin': margin,
                        'barrier_tolerance': self.barrier_tolerance})
         return checks
 
     def _measure_dense(self, state: State, imp: 'IMP', cost: dict[str, Any]) -> None:
-        """Level 0's validation error, and which validation samples it gets right (every rank's, for checkpoints)."""
-        scorer = _ValScorer(self, state)
-        self._dense_val_error, _ = scorer(unwrap_model(state))
-        self._add_cost(cost, imp, scorer.samples, imp.masks)
-        gathered = dist.all_gather_object(scorer.correct) if dist.get_world_size() > 1 else [scorer.correct]
-        self._dense_val_correct = [c.cpu() for c in gathered]
+        """Level 0's verification value, and which samples it gets right (every rank's, for checkpoints)."""
+        measure = self._verification
+        self._dense_value = measure(unwrap_model(state))[self._verified_value]
+        self._add_cost(cost, imp, measure.samples, imp.masks)
+        gathered = dist.all_gather_object(measure.correct) if dist.get_world_size() > 1 else [measure.correct]
+        self._dense_correct = [None if c is None else c.cpu() for c in gathered]
 
-    def _paired_standard_error(self, state: State, correct: torch.Tensor) -> float:
+    def _paired_standard_error(self, state: State, correct: Optional[torch.Tensor]) -> float:
         """Standard error of (sparse - dense) validation error from the samples on which the two disagree (paired,
-        as in McNemar's test); 0 when the dense per-sample results are unavailable or do not line up."""
+        as in McNemar's test); 0 when the per-sample results are unavailable or do not line up."""
         rank = dist.get_global_rank()
-        dense = self._dense_val_correct[rank] if self._dense_val_correct and rank < len(self._dense_val_correct) else None
-        aligned = dense is not None and dense.shape == correct.shape
+        dense = self._dense_correct[rank] if self._dense_correct and rank < len(self._dense_correct) else None
+        aligned = dense is not None and correct is not None and dense.shape == correct.shape
         counts = torch.zeros(3, dtype=torch.float64)
         if aligned:
             counts = torch.tensor([float((dense & ~correct).sum()), float((~dense & correct).sum()), float(dense.numel())],
@@ -447,40 +472,30 @@ class AdaptiveSparsityStep(SparsityStep):
         return _first_samples(without_persistent_workers(loader), per_rank)
 
 
-class _ValScorer:
-    """``model -> (error, loss)`` on the step's validation data, all-reduced; keeps the global sample count and the
-    local per-sample correctness of the last call. Seeded, so every call sees the same batches in the same order."""
+class _CallableValue:
+    """A user's ``verify_metric(model) -> float`` as an ``evaluate(model) -> {'value': v}``, in eval mode, without
+    gradients and without touching the run's RNG; it counts no samples and has no per-sample results."""
 
-    def __init__(self, step: AdaptiveSparsityStep, state: State):
-        self.step, self.state = step, state
-        self.samples = 0
-        self.correct = torch.zeros(0, dtype=torch.bool)
+    samples = 0
+    correct = None
 
-    def __call__(self, model: nn.Module) -> tuple[float, float]:
-        state, corrects = self.state, []
+    def __init__(self, state: State, measure: Callable[[nn.Module], float]):
+        self.state, self.measure = state, measure
 
-        def pairs():
-            for batch in DeviceBatches(state, self.step.val_dataloader):
-                outputs, targets = model.eval_forward(batch), batch[1]
-                corrects.append((outputs.argmax(dim=1) == targets).cpu())
-                yield outputs, targets
-
-        reduce = sum_over_ranks(state)
-        with training_mode(model, False), seeded_rng(state), torch.no_grad():
-            error, loss = error_and_loss(pairs(), reduce=reduce)
-        self.correct = torch.cat(corrects) if corrects else torch.zeros(0, dtype=torch.bool)
-        samples = torch.tensor([float(self.correct.numel())], dtype=torch.float64)
-        self.samples = int(reduce(samples)[0])
-        return error, loss
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        with model_eval_mode(model), preserve_rng(self.state):
+            return {'value': float(self.measure(model))}
 
 
 def _first_samples(loader: Iterable[Any], samples: int) -> list[Any]:
     batches, count = [], 0
-    for batch in loader:
-        batches.append(batch)
-        count += int(batch[1].shape[0])
-        if count >= samples:
-            break
+    with preserve_loader_generators(loader):
+        for batch in loader:
+            batches.append(batch)
+            count += samples_in_batch(batch)
+            if count >= samples:
+                break
     return batches
 
 

@@ -1,13 +1,17 @@
 """IMP: Iterative Magnitude Pruning with weight rewinding, every level inside one ``Trainer.fit()``.
 
-Time is monotonic across levels (composer.md §6, variant B): level 0 trains batches [0, T); each pruned level trains
-T - k batches from the rewind step k, its learning-rate schedule seeing local time (``schedule.py``). Level transitions
-run at ``BATCH_CHECKPOINT``, or at ``EPOCH_CHECKPOINT`` when a level ends with an epoch, i.e. after the Trainer's
-evaluation of the trained network and before ``CheckpointSaver`` writes, so every checkpoint is a valid resume point.
+Every pruned level is a replay of level 0 from the rewind step k to T (``replay.py``): at a level start IMP puts the
+whole run back to step k -- weights under the new mask, the Trainer's timestamp, optimizer and schedulers, the state of
+every other algorithm and callback, the trainable layout and the train dataloader's position -- so every component
+that reads time or keeps state behaves in level L exactly as it did from k to T in level 0. ``max_duration`` stays the
+user's T. Logger steps and checkpoint names stay monotonic and unique. Level transitions run at ``BATCH_CHECKPOINT``,
+or at ``EPOCH_CHECKPOINT`` when a level ends with an epoch, i.e. after the Trainer's evaluation of the trained network
+and before ``CheckpointSaver`` writes, so every checkpoint is a valid resume point.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import warnings
@@ -20,11 +24,21 @@ from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.file_helpers import format_name_with_dist
 
-from composer_imp.algorithms.imp.schedule import LevelView, make_level_relative
+from composer_imp.algorithms.imp.replay import (
+    ComponentSnapshot,
+    DataloaderReplay,
+    capture_layout,
+    inner_optimizers,
+    prefix_checkpoint_names,
+    restore_layout,
+    rewound_components,
+    shift_logger_steps,
+)
 from composer_imp.algorithms.imp.sparsity_step import FixedStep, SparsityStep
-from composer_imp.evaluation import eval_metric_values, evaluate, preserve_rng, unwrap_model
+from composer_imp.evaluation import level_eval_metrics, preserve_rng, trainer_eval_round, unwrap_model
 from composer_imp.functional import (
     alive_count,
+    coverage_warning,
     density,
     layer_densities,
     masks_at_density,
@@ -40,6 +54,10 @@ from composer_imp.functional.ticket import LEVELS_FILE, level_dir, save_level, s
 
 __all__ = ['IMP']
 
+_EVENTS = (Event.INIT, Event.AFTER_LOAD, Event.FIT_START, Event.EPOCH_START, Event.BEFORE_DATALOADER,
+           Event.AFTER_DATALOADER, Event.BATCH_START, Event.BATCH_END, Event.EVAL_AFTER_ALL, Event.BATCH_CHECKPOINT,
+           Event.EPOCH_CHECKPOINT)
+
 LevelEndHook = Callable[[State, Logger, dict], Optional[dict]]
 
 
@@ -48,7 +66,8 @@ class IMP(Algorithm):
 
     The Trainer's ``max_duration`` is one level's training, T. Level 0 trains densely for T; the full training state
     at ``rewind_to`` (step k) is the rewind point. After each level, ``prune_fraction`` of the remaining prunable weights
-    are pruned by magnitude, the survivors are set back to the rewind point, and the next level trains from k to T.
+    are pruned by magnitude, the survivors are set back to the rewind point, and the next level replays steps k to T:
+    the Trainer's time, the other algorithms' and callbacks' state and the dataloader's position are those of step k.
 
     Args:
         levels: number of pruned levels after the dense level 0. Exactly one of ``levels`` and ``target_density``.
@@ -58,6 +77,7 @@ class IMP(Algorithm):
             ``'0ba'`` rewinds to initialization.
         scope: ``'global'`` ranks all prunable weights together; ``'layerwise'`` prunes each tensor by the fraction.
         ignore: fnmatch patterns of parameter names to leave dense (e.g. ``['fc.weight']``).
+        embeddings: also prune embedding tables (``nn.Embedding``); dense by default.
         rewind_optimizer: restore the optimizer state of step k at each rewind (default: fresh state, as open_lth).
         mask_gradients: zero the gradients of pruned weights before each optimizer step (weights are re-zeroed after
             every step regardless).
@@ -74,6 +94,7 @@ class IMP(Algorithm):
         rewind_to: str = '0ba',
         scope: str = 'global',
         ignore: Iterable[str] = (),
+        embeddings: bool = False,
         rewind_optimizer: bool = False,
         mask_gradients: bool = True,
         folder: Optional[str] = None,
@@ -105,6 +126,7 @@ class IMP(Algorithm):
         self.rewind_to = str(rewind_to)
         self.scope = scope
         self.ignore = list(ignore)
+        self.embeddings = bool(embeddings)
         self.rewind_optimizer = rewind_optimizer
         self.mask_gradients = mask_gradients
         self.folder = folder
@@ -114,29 +136,33 @@ class IMP(Algorithm):
         self._hooks: list[LevelEndHook] = []
         self._keep_previous_level = self.sparsity_step.needs_previous_level
 
-        # Checkpointed state (see state_dict); all counters are ints in batches/samples/tokens/seconds.
+        # Checkpointed state (see state_dict); counters are ints.
         self._plan: Optional[dict[str, Any]] = None  # schedule_duration (str T), schedule_batches, rewind_batch
         self._level = 0
-        self._level_start: dict[str, float] = {'batch': 0, 'sample': 0, 'token': 0, 'seconds': 0.0}
+        self._attempt = 0  # how many times this level was started before (the adaptive step may redo a level)
+        self._offsets = {'batch': 0, 'sample': 0, 'token': 0, 'epoch': 0}  # run-wide count = level-local + offset
+        self._level_start_wct = 0.0
         self._nominal_density = 1.0  # product of (1 - fraction) over accepted levels: exact counts, no drift
         self._masks: Optional[dict[str, torch.Tensor]] = None
         self._rewind_point: Optional[dict[str, torch.Tensor]] = None
-        self._rewind_counters: dict[str, int] = {}
-        self._rewind_lrs: list[list[float]] = []
-        self._rewind_schedulers: list[dict[str, Any]] = []
-        self._rewind_optimizers: Optional[list[dict[str, Any]]] = None
+        self._rewind_run: Optional[dict[str, Any]] = None  # timestamps, LRs, schedulers, layout at step k
+        self._rewind_components: Optional[ComponentSnapshot] = None
+        self._rewind_optimizers: Optional[list[list[dict[str, Any]]]] = None
         self._previous_level_state: Optional[dict[str, torch.Tensor]] = None
         self._previous_masks: Optional[dict[str, torch.Tensor]] = None
         self._previous_nominal_density = 1.0
         self._history: list[dict[str, Any]] = []
-        self._expected_max_duration: Optional[int] = None
         self._done = False
         self._macs: Optional[dict[str, Any]] = None  # dense MACs per sample: {'dense': float, 'weights': {name: float}}
 
-        self._last_eval: tuple[int, dict[str, float]] = (-1, {})
+        self._last_eval: tuple[Optional[Timestamp], dict[str, Any]] = (None, {})  # the step and its eval round
         self._masked_params: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
+        self._gradient_hooks: list[Any] = []
         self._resolved_folder: Optional[str] = None
-        self._schedule_duration: Optional[Time] = None  # T as a Time, parsed once for the per-step scheduler view
+        self._checkpoint_names: dict[int, tuple] = {}
+        self._loader_replay: Optional[DataloaderReplay] = None
+        self._pending_transition = False
+        self._pass_len: Optional[Time] = None
 
     # ------------------------------------------------------------------ public, read-only
     @property
@@ -177,6 +203,11 @@ class IMP(Algorithm):
     def schedule_batches(self) -> Optional[int]:
         """T, one level's schedule length in batches."""
         return None if self._plan is None else self._plan['schedule_batches']
+
+    def run_time(self, state: State) -> dict[str, int]:
+        """Run-wide counts (``batch``, ``sample``, ``token``, ``epoch``) across all levels: ``state.timestamp`` replays
+        each pruned level from the rewind step, these keep counting."""
+        return {unit: offset + int(getattr(state.timestamp, unit)) for unit, offset in self._offsets.items()}
 
     def level_dir(self, level: int) -> Optional[str]:
         return None if self._resolved_folder is None else level_dir(self._resolved_folder, level)
@@ -222,74 +253,81 @@ class IMP(Algorithm):
 
     # ------------------------------------------------------------------ Composer plumbing
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.AFTER_LOAD, Event.FIT_START, Event.AFTER_DATALOADER, Event.BATCH_START,
-                         Event.AFTER_TRAIN_BATCH,
-                         Event.BATCH_END, Event.EVAL_AFTER_ALL, Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT)
+        return event in _EVENTS
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            self._check_model(state)
+            # First on every event (last on AFTER_* ones, which Composer runs in reverse): masks are enforced before
+            # EMA averages, a transition sees the trained weights before EMA swaps its own in for a checkpoint.
+            state.algorithms.remove(self)
+            state.algorithms.insert(0, self)
         elif event == Event.AFTER_LOAD:
-            self._check_model(state)
-            self._start(state)
+            self._setup_masks(state)  # after every INIT surgery (BlurPool, Factorize, ...) renamed its weights
+            self._start(state, logger)
+            self._allow_pending_transition(state)
             self.sparsity_step.setup(state, self)
         elif event == Event.FIT_START:
-            self._start(state)
+            self._start(state, logger)
+            self._check_fit_duration(state)
             self._resolve_folder(state)
+            self._loader_replay = DataloaderReplay(state.train_dataloader) if self._restarts_loader(state) else None
+            if self._loader_replay is not None:
+                state.train_dataloader.__dict__['_imp_epoch_len'] = int(state.dataloader_len)
+            self._install_gradient_masks(state)
             if self._rewind_point is None and self._plan['rewind_batch'] == 0:
                 self._capture_rewind_point(state)
+            self._lift_pass_budget(state)
+        elif event == Event.EPOCH_START:
+            self._lift_pass_budget(state)
+        elif event == Event.BEFORE_DATALOADER:
+            self._restore_pass_budget(state)
         elif event == Event.AFTER_DATALOADER:
             if self._macs is None:
                 self._count_macs(state)
         elif event == Event.BATCH_START:
             if not self._done and self._level_over(state):  # resumed from a checkpoint written before a transition
-                self._end_level(state, logger)
-        elif event == Event.AFTER_TRAIN_BATCH:
-            if self.mask_gradients and self._level > 0:
-                params, keep = self._keep_factors(state)
-                grads = [p.grad for p in params]
-                if params and all(g is not None for g in grads):
-                    torch._foreach_mul_(grads, keep)
-                else:
-                    for grad, factor in zip(grads, keep):
-                        if grad is not None:
-                            grad.mul_(factor)
+                self._end_level(state, logger, mid_epoch=True)
         elif event == Event.BATCH_END:
             if self._level > 0:
                 params, keep = self._keep_factors(state)
                 if params:
                     with torch.no_grad():
                         torch._foreach_mul_(params, keep)
-            if self._rewind_point is None and int(state.timestamp.batch) == self._plan['rewind_batch']:
-                self._capture_rewind_point(state)
         elif event == Event.EVAL_AFTER_ALL:
-            self._last_eval = (int(state.timestamp.batch), eval_metric_values(state))
+            self._last_eval = (state.timestamp, trainer_eval_round(state, self._last_eval[1]))
         elif event == Event.BATCH_CHECKPOINT:
             epoch_end_follows = (state.dataloader_len is not None and
-                                 int(state.timestamp.batch_in_epoch) == int(state.dataloader_len))
-            if not self._done and not epoch_end_follows and self._level_over(state):
-                self._end_level(state, logger)
+                                 int(state.timestamp.batch_in_epoch) >= int(state.dataloader_len))
+            if not epoch_end_follows:
+                self._checkpoint_event(state, logger, mid_epoch=True)
         elif event == Event.EPOCH_CHECKPOINT:
-            if not self._done and self._level_over(state):
-                self._end_level(state, logger)
+            self._checkpoint_event(state, logger, mid_epoch=False)
+            self._lift_pass_budget(state)
+
+    def _checkpoint_event(self, state: State, logger: Logger, mid_epoch: bool) -> None:
+        """Capture the rewind point at step k, or end the level at T, at the same point of the event sequence."""
+        if self._rewind_point is None and int(state.timestamp.batch) == self._plan['rewind_batch']:
+            self._capture_rewind_point(state)
+        if not self._done and self._level_over(state):
+            self._end_level(state, logger, mid_epoch=mid_epoch)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             'plan': self._plan,
             'level': self._level,
-            'level_start': dict(self._level_start),
+            'attempt': self._attempt,
+            'offsets': dict(self._offsets),
+            'level_start_wct': self._level_start_wct,
             'nominal_density': self._nominal_density,
             'masks': self._masks,
             'rewind_point': self._rewind_point,
-            'rewind_counters': dict(self._rewind_counters),
-            'rewind_lrs': self._rewind_lrs,
-            'rewind_schedulers': self._rewind_schedulers,
+            'rewind_run': self._rewind_run,
+            'rewind_components': None if self._rewind_components is None else self._rewind_components.to_tensor(),
             'rewind_optimizers': self._rewind_optimizers,
             'previous_level_state': self._previous_level_state,
             'previous_masks': self._previous_masks,
             'previous_nominal_density': self._previous_nominal_density,
             'history': self._history,
-            'expected_max_duration': self._expected_max_duration,
             'done': self._done,
             'macs': self._macs,
             'sparsity_step': self.sparsity_step.state_dict(),
@@ -298,35 +336,39 @@ class IMP(Algorithm):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._plan = state['plan']
         self._level = state['level']
-        self._level_start = state['level_start']
+        self._attempt = state['attempt']
+        self._offsets = dict(state['offsets'])
+        self._level_start_wct = state['level_start_wct']
         self._nominal_density = state['nominal_density']
         self._masks = state['masks']
         self._rewind_point = state['rewind_point']
-        self._rewind_counters = state['rewind_counters']
-        self._rewind_lrs = state['rewind_lrs']
-        self._rewind_schedulers = state['rewind_schedulers']
+        self._rewind_run = state['rewind_run']
+        self._rewind_components = None if state['rewind_components'] is None else ComponentSnapshot.from_tensor(
+            state['rewind_components'])
         self._rewind_optimizers = state['rewind_optimizers']
         self._previous_level_state = state['previous_level_state']
         self._previous_masks = state['previous_masks']
         self._previous_nominal_density = state['previous_nominal_density']
         self._history = state['history']
-        self._expected_max_duration = state['expected_max_duration']
         self._done = state['done']
         self._macs = state['macs']
         self.sparsity_step.load_state_dict(state['sparsity_step'])
         self._masked_params = None
 
     # ------------------------------------------------------------------ set-up
-    def _check_model(self, state: State) -> None:
-        """Validate ``ignore`` and the prunable weights, and check stored masks against the model (INIT, AFTER_LOAD)."""
+    def _setup_masks(self, state: State) -> None:
+        """Build all-ones masks over the prunable weights, or check stored masks against the model (AFTER_LOAD)."""
         model = unwrap_model(state)
-        weights = prunable_weights(model, self.ignore)
+        weights = prunable_weights(model, self.ignore, embeddings=self.embeddings)
         if self._masks is None:
+            warning = coverage_warning(model, weights)
+            if warning:
+                warnings.warn(warning)
             self._masks = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
             return
         if set(self._masks) != set(weights):
             raise ValueError(f'checkpoint: IMP masks are for parameters {sorted(self._masks)}, but the model prunes '
-                             f'{sorted(weights)}; resume with the same model and IMP(ignore=...)')
+                             f'{sorted(weights)}; resume with the same model and IMP(ignore=..., embeddings=...)')
         for name, w in weights.items():
             if self._masks[name].shape != w.shape:
                 raise ValueError(f'checkpoint: IMP mask {name!r} has shape {tuple(self._masks[name].shape)}, the model '
@@ -338,17 +380,42 @@ class IMP(Algorithm):
             if stored is not None:
                 setattr(self, attribute, {n: t.to(device) for n, t in stored.items()})
 
-    def _start(self, state: State) -> None:
-        """Fix the level schedule (first start) or re-assert it (resume), and make the LR schedule level-relative."""
+    def _start(self, state: State, logger: Logger) -> None:
+        """Fix the level schedule (first start), and keep logger steps and checkpoint names monotonic across levels."""
         if self._plan is None:
             if state.max_duration is None:
                 return  # max_duration arrives with fit(); FIT_START calls again
             self._plan = self._make_plan(state)
-            self._set_max_duration(state, self._plan['schedule_batches'] + self._remaining_levels() * self._level_len())
-        elif self._expected_max_duration is not None:
-            state.max_duration = Time(self._expected_max_duration, TimeUnit.BATCH)  # max_duration is not checkpointed
-        make_level_relative(state, lambda: self._level_view(state))
+            if self._rewind_components is None:
+                # Fail at construction, not at step k, for a component whose state cannot be rewound.
+                components = rewound_components(state, self)
+                ComponentSnapshot.capture(state, components).load(state, components)
+        shift_logger_steps(logger, lambda: self._offsets['batch'])
+        prefix_checkpoint_names(state, self._checkpoint_names, self._checkpoint_prefix())
         self._masked_params = None
+
+    def _checkpoint_prefix(self) -> str:
+        if self._level == 0:
+            return ''
+        return f'level{self._level}-' if self._attempt == 0 else f'level{self._level}.{self._attempt}-'
+
+    def _allow_pending_transition(self, state: State) -> None:
+        """A checkpoint written at the last batch of a level that ends with an epoch (Composer's end-of-training save
+        at BATCH_CHECKPOINT) holds the level before IMP's transition at EPOCH_CHECKPOINT. Resumed from it, the run is at
+        T, which ``fit()`` would call finished: one more batch of budget lets the loop reach that epoch's end, where
+        the transition runs and puts ``max_duration`` back to T."""
+        schedule = Time.from_timestring(self._plan['schedule_duration']) if self._plan else None
+        self._pending_transition = (schedule is not None and not self._done and
+                                    int(state.timestamp.batch) >= self._plan['schedule_batches'])
+        if self._pending_transition and schedule.unit == TimeUnit.BATCH:
+            state.max_duration = Time(self._plan['schedule_batches'] + 1, TimeUnit.BATCH)
+
+    def _check_fit_duration(self, state: State) -> None:
+        schedule = Time.from_timestring(self._plan['schedule_duration'])
+        if not self._pending_transition and Time.from_input(state.max_duration) != schedule:
+            raise ValueError(f'fit(duration=...): IMP runs every level inside one fit() with max_duration = one level '
+                             f"({schedule}); the run's max_duration is now {state.max_duration}. Call fit() without "
+                             'duration, and give the level length as max_duration')
 
     def _make_plan(self, state: State) -> dict[str, Any]:
         duration = Time.from_input(state.max_duration)
@@ -365,26 +432,16 @@ class IMP(Algorithm):
         if rewind.unit == TimeUnit.BATCH:
             rewind_batch = int(rewind.value)
         elif rewind.unit == TimeUnit.EPOCH:
-            rewind_batch = int(rewind.value) * int(state.dataloader_len or 0)
+            if state.dataloader_len is None:
+                raise ValueError(f"rewind_to: {self.rewind_to} is in epochs, but the train dataloader has no length; "
+                                 "give rewind_to in 'ba'")
+            rewind_batch = int(rewind.value) * int(state.dataloader_len)
         else:
             rewind_batch = int(round(float(rewind.value) * schedule_batches))
         if rewind_batch >= schedule_batches:
             raise ValueError(f'rewind_to: {self.rewind_to} ({rewind_batch} batches) is not allowed; it must come before '
                              f'the end of the level, max_duration = {duration} ({schedule_batches} batches)')
         return {'schedule_duration': str(duration), 'schedule_batches': schedule_batches, 'rewind_batch': rewind_batch}
-
-    def _level_len(self) -> int:
-        return self._plan['schedule_batches'] - self._plan['rewind_batch']
-
-    def _remaining_levels(self) -> int:
-        """Pruned levels still to train after the current one (an estimate in target-density mode)."""
-        if self.levels is not None:
-            return max(self.levels - self._level, 0)
-        return self.sparsity_step.planned_levels(self._nominal_density, self.target_density)
-
-    def _set_max_duration(self, state: State, batches: int) -> None:
-        self._expected_max_duration = int(batches)
-        state.max_duration = Time(int(batches), TimeUnit.BATCH)
 
     def _resolve_folder(self, state: State) -> None:
         if self._resolved_folder is not None:
@@ -402,41 +459,34 @@ class IMP(Algorithm):
                              'folder, or resume that run with autoresume=True / load_path')
         self._resolved_folder = folder
 
-    def _level_view(self, state: State) -> LevelView:
-        """The current time as level 0 saw it at the same point of the schedule."""
-        now = state.timestamp
-        if self._level == 0:
-            local = now
-        else:
-            batch = self._plan['rewind_batch'] + int(now.batch) - int(self._level_start['batch'])
-            sample = self._rewind_counters.get('sample', 0) + int(now.sample) - int(self._level_start['sample'])
-            token = self._rewind_counters.get('token', 0) + int(now.token) - int(self._level_start['token'])
-            per_epoch = int(state.dataloader_len) if state.dataloader_len is not None else None
-            local = Timestamp(
-                epoch=batch // per_epoch if per_epoch else int(now.epoch),
-                batch=batch,
-                sample=sample,
-                token=token,
-                batch_in_epoch=batch % per_epoch if per_epoch else int(now.batch_in_epoch),
-            )
-        if self._schedule_duration is None:
-            self._schedule_duration = Time.from_timestring(self._plan['schedule_duration'])
-        return LevelView(local, self._schedule_duration, state.dataloader_len)
+    # ------------------------------------------------------------------ data position
+    def _restarts_loader(self, state: State) -> bool:
+        """Levels that end mid-epoch restart the dataloader's pass at the rewind step (``replay.DataloaderReplay``)."""
+        return state.dataloader_len is not None and self._plan['schedule_batches'] % int(state.dataloader_len) != 0
+
+    def _lift_pass_budget(self, state: State) -> None:
+        """Composer caps a pass at ``dataloader_len`` batches; a pass that restarts at the rewind step needs more. The
+        restartable loader ends its epochs itself, so the cap is lifted while Composer starts a pass."""
+        if self._loader_replay is not None and state.dataloader_len is not None and self._pass_len is None:
+            self._pass_len = state.dataloader_len
+            state._dataloader_len = Time(2**62, TimeUnit.BATCH)
+
+    def _restore_pass_budget(self, state: State) -> None:
+        if self._pass_len is not None:
+            state._dataloader_len, self._pass_len = self._pass_len, None
 
     def _count_macs(self, state: State) -> None:
-        batch = state.batch
-        first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) if isinstance(
-            batch, dict) else batch
-        model = unwrap_model(state)
+        """Dense MACs per sample on the first batch; a ComposerModel's forward takes the whole batch as one argument."""
         try:
             with preserve_rng(state):
-                dense, per_weight = layer_macs(model, (state.device.batch_to_device(batch),), int(first.shape[0]),
-                                               self._masks)
-        except Exception as error:  # an exotic forward must not stop training; FLOPs are then reported as unknown
-            warnings.warn(f'IMP: could not count MACs with torch-pruning ({type(error).__name__}: {error}); FLOPs will '
-                          'not be reported')
-            dense, per_weight = 0.0, {}
-        self._macs = {'dense': dense, 'weights': per_weight} if dense else {}
+                self._macs = layer_macs(unwrap_model(state), (state.device.batch_to_device(state.batch),), self._masks)
+        except ValueError as error:  # a batch without tensors: FLOPs are then reported as unknown
+            warnings.warn(f'IMP: could not count MACs ({error}); FLOPs will not be reported')
+            self._macs = {}
+            return
+        if self._macs['method'] != 'torch-pruning':
+            warnings.warn(f"IMP: {self._macs['fallback_reason']}; FLOPs are estimated as one multiply-accumulate per "
+                          'parameter and token')
 
     def _keep_factors(self, state: State) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The partly pruned parameters and their masks as 0/1 tensors of the parameter's dtype, built once per level,
@@ -448,51 +498,70 @@ class IMP(Algorithm):
             self._masked_params = ([params[n] for n in pruned], [self._masks[n].to(params[n].dtype) for n in pruned])
         return self._masked_params
 
+    def _install_gradient_masks(self, state: State) -> None:
+        """Mask pruned weights' gradients inside backward, before any AFTER_* event: gradient clipping, SAM's second
+        step and DDP's all-reduce all see masked gradients, whatever the order of ``algorithms=[...]``."""
+        for handle in self._gradient_hooks:
+            handle.remove()
+        self._gradient_hooks = []
+        if self.mask_gradients and self._level > 0:
+            for param, keep in zip(*self._keep_factors(state)):
+                self._gradient_hooks.append(param.register_hook(functools.partial(torch.mul, other=keep)))
+
     # ------------------------------------------------------------------ rewind point
     def _capture_rewind_point(self, state: State) -> None:
-        """Snapshot the full state at step k, identical on every rank (BN buffers may differ under DDP)."""
-        rewind_point = snapshot(unwrap_model(state))
+        """Snapshot the whole run at step k: weights and buffers (identical on every rank), time, optimizers and
+        schedulers, the trainable layout and every other component's state."""
+        model = unwrap_model(state)
+        rewind_point = snapshot(model)
         for tensor in rewind_point.values():
             dist.broadcast(tensor, src=0)
         self._rewind_point = rewind_point
-        self._rewind_counters = {'sample': int(state.timestamp.sample), 'token': int(state.timestamp.token)}
-        self._rewind_lrs = [[float(group['lr']) for group in opt.param_groups] for opt in state.optimizers]
-        self._rewind_schedulers = [_plain(s.state_dict()) for s in state.schedulers]
+        previous = state.previous_timestamp
+        self._rewind_run = {
+            'timestamp': _counters(state.timestamp),
+            'previous_timestamp': None if previous is None else _counters(previous),
+            'lrs': [[float(group['lr']) for group in opt.param_groups] for opt in state.optimizers],
+            'schedulers': [_plain(s.state_dict()) for s in state.schedulers],
+            'layout': capture_layout(model, state.optimizers),
+        }
+        self._rewind_components = ComponentSnapshot.capture(state, rewound_components(state, self))
         if self.rewind_optimizer:
-            self._rewind_optimizers = [_plain(snapshot_optimizer(opt)) for opt in state.optimizers]
+            self._rewind_optimizers = [[_plain(snapshot_optimizer(inner)) for inner in inner_optimizers(opt)]
+                                       for opt in state.optimizers]
         if self._resolved_folder is not None and dist.get_global_rank() == 0:
             save_rewind_point(self._resolved_folder, rewind_point, self._plan['rewind_batch'])
 
     # ------------------------------------------------------------------ level transitions
     def _level_over(self, state: State) -> bool:
-        level_end = int(self._level_start['batch']) + (self._plan['schedule_batches'] if self._level == 0 else
-                                                        self._level_len())
-        stopped = Time.from_input(state.max_duration).value != self._expected_max_duration
+        schedule = Time.from_timestring(self._plan['schedule_duration'])
+        now_limit = Time.from_input(state.max_duration)
+        stopped = (now_limit.value, now_limit.unit) != (schedule.value, schedule.unit)
         if stopped and self._rewind_point is None:
             warnings.warn(f'IMP: a request to stop training at batch {int(state.timestamp.batch)} came before the '
                           f"rewind step ({self._plan['rewind_batch']} batches) and was ignored: level 0 must reach it")
-            self._set_max_duration(state, self._expected_max_duration)
+            state.max_duration = schedule
             stopped = False
-        return int(state.timestamp.batch) >= level_end or stopped
+        return int(state.timestamp.batch) >= self._plan['schedule_batches'] or stopped
 
-    def _end_level(self, state: State, logger: Logger) -> None:
+    def _end_level(self, state: State, logger: Logger, mid_epoch: bool) -> None:
         now = state.timestamp
         model = unwrap_model(state)
-        level_end = int(self._level_start['batch']) + (self._plan['schedule_batches'] if self._level == 0 else
-                                                        self._level_len())
+        start = self._rewind_run['timestamp'] if self._level > 0 else {'batch': 0, 'sample': 0}
+        samples = int(now.sample) - start['sample']
         record: dict[str, Any] = {
             'level': self._level,
             'density': self.density,
             'nominal_density': self._nominal_density,
             'layer_density': layer_densities(self._masks),
             'eval': self._level_eval(state),
-            'steps': int(now.batch) - int(self._level_start['batch']),
-            'samples': int(now.sample) - int(self._level_start['sample']),
-            'flops': self.training_flops(int(now.sample) - int(self._level_start['sample'])),
-            'seconds': now.total_wct.total_seconds() - float(self._level_start['seconds']),
-            'start_batch': int(self._level_start['batch']),
-            'end_batch': int(now.batch),
-            'stopped_early': int(now.batch) < level_end,
+            'steps': int(now.batch) - start['batch'],
+            'samples': samples,
+            'flops': self.training_flops(samples),
+            'seconds': now.total_wct.total_seconds() - self._level_start_wct,
+            'start_batch': self._offsets['batch'] + start['batch'],
+            'end_batch': self._offsets['batch'] + int(now.batch),
+            'stopped_early': int(now.batch) < self._plan['schedule_batches'],
         }
         if self._level > 0:
             record['step'] = dict(self.sparsity_step.decision)
@@ -511,57 +580,79 @@ class IMP(Algorithm):
             self._previous_nominal_density = self._nominal_density
             if self._finished():
                 self._done = True
-                self._set_max_duration(state, int(now.batch))
+                if self._pending_transition:  # the resumed run's extra batch of budget must not be trained
+                    state.max_duration = Time.from_timestring(self._plan['schedule_duration'])
                 return
-            next_level = self._level + 1
+            next_level, attempt = self._level + 1, 0
         else:
             rewind(model, self._previous_level_state, self._previous_masks)
-            next_level = self._level
+            next_level, attempt = self._level, self._attempt + 1
 
         fraction = self.sparsity_step.fraction(state, self, logger)
         self._nominal_density = self._previous_nominal_density * (1.0 - fraction)
-        masks = masks_at_density(prunable_weights(model, self.ignore), self._nominal_density, self._previous_masks,
-                                 self.scope)
+        masks = masks_at_density(prunable_weights(model, self.ignore, embeddings=self.embeddings),
+                                 self._nominal_density, self._previous_masks, self.scope)
         for name in masks:
             as_bytes = masks[name].to(torch.uint8)
             dist.broadcast(as_bytes, src=0)  # one mask for all ranks, whatever ties or kernels did
             masks[name] = as_bytes.bool()
         self._masks = masks
         self._masked_params = None
-        self._rewind(state)
-        self._level = next_level
-        self._level_start = {'batch': int(now.batch), 'sample': int(now.sample), 'token': int(now.token),
-                             'seconds': now.total_wct.total_seconds()}
-        self._set_max_duration(state, int(now.batch) + (1 + self._remaining_levels()) * self._level_len())
+        self._level, self._attempt = next_level, attempt
+        self._pending_transition = False
+        self._level_start_wct = now.total_wct.total_seconds()
+        self._rewind(state, logger, mid_epoch)
 
     def _finished(self) -> bool:
         if self.sparsity_step.finished(self):
             return True
         if self.levels is not None:
             return self._level >= self.levels
-        keep_at_target = round(self.target_density * sum(m.numel() for m in self._masks.values()))
+        sizes = [m.numel() for m in self._masks.values()]
+        # Layerwise masks round per tensor, so their target count is the sum of per-tensor counts.
+        keep_at_target = (sum(round(self.target_density * n) for n in sizes) if self.scope == 'layerwise' else
+                          round(self.target_density * sum(sizes)))
         return alive_count(self._masks) <= keep_at_target
 
-    def _rewind(self, state: State) -> None:
-        """Weights and buffers to the rewind point under the new mask; optimizer, LR and schedulers as at step k."""
+    def _rewind(self, state: State, logger: Logger, mid_epoch: bool) -> None:
+        """The whole run back to step k under the new mask (``replay.py``)."""
         model = unwrap_model(state)
+        run = self._rewind_run
+        now = _counters(state.timestamp)
+        for unit in self._offsets:
+            self._offsets[unit] += now[unit] - run['timestamp'][unit]
         rewind(model, self._rewind_point, self._masks)
+        restore_layout(model, state.optimizers, run['layout'])
         params = dict(model.named_parameters())
         masks_by_param = {params[n]: m for n, m in self._masks.items()}
         for index, optimizer in enumerate(state.optimizers):
-            rewind_optimizer(optimizer, self._rewind_optimizers[index] if self._rewind_optimizers else None,
-                             masks_by_param)
-            for group, lr in zip(optimizer.param_groups, self._rewind_lrs[index]):
+            snapshots = self._rewind_optimizers[index] if self._rewind_optimizers else None
+            for depth, inner in enumerate(inner_optimizers(optimizer)):
+                rewind_optimizer(inner, snapshots[depth] if snapshots else None, masks_by_param)
+            for group, lr in zip(optimizer.param_groups, run['lrs'][index]):
                 group['lr'] = lr
-        for scheduler, scheduler_state in zip(state.schedulers, self._rewind_schedulers):
+        for scheduler, scheduler_state in zip(state.schedulers, run['schedulers']):
             scheduler.load_state_dict(copy.deepcopy(scheduler_state))
+        self._rewind_components.restore(state, rewound_components(state, self), self._masks)
+        state.timestamp = state.timestamp.copy(**run['timestamp'])
+        previous = run['previous_timestamp']
+        state.previous_timestamp = None if previous is None else state.timestamp.copy(**previous)
+        state.max_duration = Time.from_timestring(self._plan['schedule_duration'])
+        if mid_epoch and self._loader_replay is not None:
+            self._loader_replay.restart(int(state.timestamp.epoch), int(state.timestamp.batch_in_epoch),
+                                        composer_skips='train' not in state.dataset_resumption)
+        from composer.callbacks import CheckpointSaver
+        for saver in (c for c in state.callbacks if isinstance(c, CheckpointSaver)):
+            saver.last_checkpoint_batch = None  # its "already saved at this batch" guard reads replayed time
+        prefix_checkpoint_names(state, self._checkpoint_names, self._checkpoint_prefix())
+        self._install_gradient_masks(state)
 
     def _level_eval(self, state: State) -> dict[str, float]:
-        """The Trainer's evaluation of this level's trained network, or our own when none ran at this step."""
-        batch, values = self._last_eval
-        if batch == int(state.timestamp.batch) and values:
-            return dict(values)
-        return evaluate(state) if state.evaluators else {}
+        """Every evaluator's metrics of this level's trained network: the Trainer's for the evaluators it ran at this
+        step, our own evaluation for the others (never a value cached at an earlier step). The step is known by its
+        Timestamp object: batch numbers repeat when levels replay the same steps."""
+        timestamp, evaluated = self._last_eval
+        return level_eval_metrics(state, evaluated if timestamp is state.timestamp else {})
 
     def _log_level(self, record: dict[str, Any], logger: Logger) -> None:
         metrics = {'imp/level': record['level'], 'imp/density': record['density'], 'imp/steps': record['steps']}
@@ -583,6 +674,14 @@ class IMP(Algorithm):
         root = os.path.dirname(os.path.normpath(self._resolved_folder))
         for file_path in files:
             logger.upload_file(remote_file_name=os.path.relpath(file_path, root), file_path=file_path, overwrite=True)
+
+
+_COUNTERS = ('iteration', 'epoch', 'batch', 'sample', 'token', 'epoch_in_iteration', 'token_in_iteration',
+             'batch_in_epoch', 'sample_in_epoch', 'token_in_epoch')
+
+
+def _counters(timestamp: Timestamp) -> dict[str, int]:
+    return {name: int(getattr(timestamp, name)) for name in _COUNTERS}
 
 
 def _plain(obj: Any) -> Any:

@@ -1,8 +1,8 @@
-"""LMCEvaluator: error barriers between the trained networks of successive IMP levels, inside the IMP run.
+"""LMCEvaluator: barriers between the trained networks of successive IMP levels, inside the IMP run.
 
-A thin adapter: the path, the barrier conventions and the matching rule live in ``composer_imp.functional``; this file
-only supplies Composer-side evaluation (the run's eval data, device, precision context, DDP all-reduce) to
-:func:`~composer_imp.functional.error_curve`.
+A thin adapter: the path, the barrier conventions and the matching rule live in ``composer_imp.functional``, the
+scoring of a ComposerModel on the run's data in ``composer_imp.evaluation``; this file wires them to IMP's level ends.
+It finds IMP among the run's algorithms by its level-end hook (duck typing), so callbacks never import algorithms.
 """
 from __future__ import annotations
 
@@ -15,43 +15,50 @@ import torch
 from composer.core import Callback, DataSpec, State
 from composer.core.data_spec import ensure_data_spec
 from composer.loggers import Logger
-from composer.utils import dist, model_eval_mode
+from composer.utils import dist
 from torch import nn
 
-from composer_imp.algorithms.imp import IMP
 from composer_imp.evaluation import (
-    DeviceBatches,
+    Scorer,
+    Value,
+    check_metric_name,
+    evaluator_batches,
+    find_evaluator,
+    resolve_values,
     seeded_rng,
-    sum_over_ranks,
+    train_batches,
     unwrap_model,
     without_persistent_workers,
 )
-from composer_imp.functional import alpha_grid, error_curve, is_matching, recompute_batchnorm
-from composer_imp.functional.barrier import BN_MODES, error_and_loss
+from composer_imp.functional import alpha_grid, is_matching, metric_curve, recompute_batchnorm
+from composer_imp.functional.barrier import BN_MODES
 
 __all__ = ['LMCEvaluator']
 
 
 class LMCEvaluator(Callback):
-    """Linear mode connectivity between successive IMP levels: error barriers, ``connected`` and ``matching``.
+    """Linear mode connectivity between successive IMP levels: barriers, ``connected`` and ``matching``.
 
-    At the end of every pruned level L (through ``IMP.add_level_end_hook``), evaluates the straight line from the
+    At the end of every pruned level L (through IMP's ``add_level_end_hook``), evaluates the straight line from the
     trained network of the parent level to that of level L over the whole state_dict, and returns to IMP, which logs
-    the scalars and writes everything into the level's line of ``levels.jsonl``:
+    the scalars and writes everything into the level's line of ``levels.jsonl``. The barrier is measured on a
+    lower-is-better *value* (``metric``, the headline) with the error and the loss beside it:
 
-    - ``lmc/barrier``: ``barrier_linear`` (absolute error), the convention for successive levels;
-    - ``lmc/barrier_max_minus_mean``: Frankle et al. 2020's convention;
+    - ``lmc/metric``: the headline value's name (``'error'``, ``'loss'``, ...);
+    - ``lmc/barrier``: its ``barrier_linear``, the convention for successive levels (absolute: 0.02 = 2 points of
+      error, or nats of loss); ``lmc/barrier_max_minus_mean``: Frankle et al. 2020's convention;
+    - ``lmc/barrier/<value>``, ``lmc/barrier_max_minus_mean/<value>``: the same for every value measured;
     - ``lmc/connected``: ``lmc/barrier <= threshold``;
-    - ``imp/matching``: the level's error <= the dense (level-0) error + ``matching_tolerance``;
-    - ``lmc/error``: the level's own error (every level, level 0 included);
-    - ``lmc/curve``: ``{'alphas', 'errors', 'losses'}``; with ``train_subset_batches`` also ``lmc/train/...``.
+    - ``imp/matching``: the level's headline value <= the dense (level-0) one + ``matching_tolerance``;
+    - ``lmc/<value>``: the level's own values (every level, level 0 included);
+    - ``lmc/curve``: ``{'alphas', <value>: [...], ...}``; with ``train_subset_batches`` also ``lmc/train/...``.
 
     Args:
         alphas: interpolation grid: ``None`` (11 evenly spaced points), a number of evenly spaced points, or values in
             [0, 1] including 0 and 1.
-        threshold: largest ``lmc/barrier`` (absolute error, 0.02 = 2 percentage points) still called connected.
-        matching_tolerance: absolute error above the dense error still called matching (0.002 = 0.2 points,
-            Frankle et al. 2020's "within 0.2 percentage points").
+        threshold: largest ``lmc/barrier`` still called connected, in the headline's units (0.02 = 2 points of error).
+        matching_tolerance: how much above the dense value the level's still counts as matching, in the headline's
+            units (0.002 = 0.2 points of error, Frankle et al. 2020's "within 0.2 percentage points").
         bn: ``'interpolate'`` (interpolated running statistics, as the paper's prototype) or ``'recompute'``
             (re-estimate them at every point on ``bn_batches`` training batches, averaged over ranks).
         bn_batches: training batches per BatchNorm re-estimation.
@@ -60,11 +67,18 @@ class LMCEvaluator(Callback):
         train_dataloader: training batches for ``bn='recompute'`` and ``train_subset_batches`` (a DataLoader or
             DataSpec); default the run's train dataloader, without its DataSpec's batch transforms (State does not hold
             them): pass it explicitly when those transforms matter, or for a streaming dataset.
+        metric: the headline value: ``'error'`` (1 - the model's accuracy metric), ``'loss'`` (the model's own loss),
+            ``'perplexity'``, ``'cross_entropy'``, or an eval metric's name (higher-is-better ones are measured as
+            1 - value). Default ``None``: ``'loss'`` for a language model (an eval metric such as
+            ``LanguageCrossEntropy``, ``MaskedAccuracy`` or ``TokenAccuracy``), else ``'error'``.
 
-    Batches are ``(inputs, targets)`` with class-index targets; errors count arg-max mistakes on
-    ``model.eval_forward(batch)`` and losses are cross-entropy. Without ``IMP`` in the run the callback does nothing
-    (warns); use :meth:`barrier` or :func:`composer_imp.functional.error_barrier` for any two state dicts.
+    Evaluation goes through the model's own ``forward``/``loss``/``eval_forward``/``update_metric`` with the
+    evaluator's metrics, on any batch type (see ``composer_imp.evaluation``). Without IMP in the run the callback does
+    nothing (warns); use :meth:`barrier` or :func:`composer_imp.functional.error_barrier` for any two state dicts.
     """
+
+    # A record across levels (the dense value, the probe): IMP's level replay must not rewind it to step k.
+    imp_rewind = False
 
     def __init__(
         self,
@@ -76,8 +90,10 @@ class LMCEvaluator(Callback):
         train_subset_batches: Optional[int] = None,
         eval_label: Optional[str] = None,
         train_dataloader: Union[DataSpec, Iterable, None] = None,
+        metric: Optional[str] = None,
     ):
         self.alphas = alpha_grid(alphas)
+        check_metric_name(metric)
         if bn not in BN_MODES:
             raise ValueError(f'bn: {bn!r} is not allowed; use one of {BN_MODES}')
         if threshold < 0:
@@ -95,95 +111,101 @@ class LMCEvaluator(Callback):
         self.train_subset_batches = train_subset_batches
         self.eval_label = eval_label
         self.train_dataloader = train_dataloader
-        self.dense_error: Optional[float] = None  # level 0's error on the eval data; checkpointed
-        self._imp: Optional[IMP] = None
+        self.metric = metric
+        self.dense_value: Optional[float] = None  # level 0's headline value on the eval data; checkpointed
+        self._imp: Any = None
         self._probe: Optional[nn.Module] = None
+        self._values: Optional[list[Value]] = None
 
     # ------------------------------------------------------------------ Composer plumbing
     def fit_start(self, state: State, logger: Logger) -> None:
-        imps = [algorithm for algorithm in state.algorithms if isinstance(algorithm, IMP)]
+        imps = [algorithm for algorithm in state.algorithms if callable(getattr(algorithm, 'add_level_end_hook', None))]
         if not imps:
             warnings.warn('LMCEvaluator: no IMP algorithm in this run, so there are no successive levels to compare; '
                           'use LMCEvaluator.barrier() or composer_imp.functional.error_barrier for other pairs')
             return
-        self._eval_spec(state)  # fail now, not at the end of level 0
+        self._resolved_values(state)  # fail now, not at the end of level 0
         if self.bn == 'recompute' or self.train_subset_batches:
             self._train_spec(state)
         self._imp = imps[0]
         self._imp.add_level_end_hook(self._level_end, needs_previous_level=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {'dense_error': self.dense_error}
+        return {'dense_value': self.dense_value}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.dense_error = state.get('dense_error')
+        self.dense_value = state.get('dense_value')
 
     # ------------------------------------------------------------------ the level-end hook
     def _level_end(self, state: State, logger: Logger, record: Mapping[str, Any]) -> dict[str, Any]:
         model = unwrap_model(state)
         parent = self._imp.previous_level_state if self._imp is not None else None
-        result: dict[str, Any] = {}
+        headline = self._resolved_values(state)[0].name
+        result: dict[str, Any] = {'lmc/metric': headline}
         if parent is not None and record['level'] > 0:
             current = model.state_dict()
             curve = self.barrier(state, parent, current)
             result.update(self._report('lmc/', curve))
-            result['lmc/connected'] = curve['barrier_linear'] <= self.threshold
+            result['lmc/connected'] = result['lmc/barrier'] <= self.threshold
             # At alpha = 1 the probe holds exactly the level's weights; with recomputed BN statistics it does not.
-            error = curve['errors'][-1] if self.bn == 'interpolate' else self._error(state, model)
+            own = ({name: values[-1] for name, values in curve['values'].items()} if self.bn == 'interpolate' else
+                   self._scorer(state)(model))
             if self.train_subset_batches:
                 result.update(self._report('lmc/train/', self.barrier(state, parent, current, on_train_subset=True)))
         else:
-            error = self._error(state, model)
+            own = self._scorer(state)(model)
+        result.update({f'lmc/{name}': value for name, value in own.items()})
         if record['level'] == 0:
-            self.dense_error = error
-        result['lmc/error'] = error
-        if record['level'] > 0 and self.dense_error is not None:
-            result['imp/matching'] = is_matching(error, self.dense_error, self.matching_tolerance)
+            self.dense_value = own[headline]
+        if record['level'] > 0 and self.dense_value is not None:
+            result['imp/matching'] = is_matching(own[headline], self.dense_value, self.matching_tolerance)
         return result
 
     @staticmethod
     def _report(prefix: str, curve: Mapping[str, Any]) -> dict[str, Any]:
-        return {
-            f'{prefix}barrier': curve['barrier_linear'],
-            f'{prefix}barrier_max_minus_mean': curve['barrier_max_minus_mean'],
-            f'{prefix}curve': {key: list(curve[key]) for key in ('alphas', 'errors', 'losses')},
+        headline = curve['metric']
+        report: dict[str, Any] = {
+            f'{prefix}barrier': curve['barrier_linear'][headline],
+            f'{prefix}barrier_max_minus_mean': curve['barrier_max_minus_mean'][headline],
+            f'{prefix}curve': {'alphas': list(curve['alphas']), **{n: list(v) for n, v in curve['values'].items()}},
         }
+        for name in curve['values']:
+            report[f'{prefix}barrier/{name}'] = curve['barrier_linear'][name]
+            report[f'{prefix}barrier_max_minus_mean/{name}'] = curve['barrier_max_minus_mean'][name]
+        return report
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def barrier(self, state: State, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
                 on_train_subset: bool = False) -> dict[str, Any]:
-        """Error and loss along the line from ``state_a`` to ``state_b`` (state dicts of the run's unwrapped model).
+        """Every value along the line from ``state_a`` to ``state_b`` (state dicts of the run's unwrapped model).
 
         Evaluated on the eval data (or the train subset) with this callback's grid and BatchNorm mode, identical on
-        every rank. Returns ``error_barrier``'s mapping. The run's own model, data order and RNG are left untouched.
+        every rank. Returns :func:`~composer_imp.functional.metric_curve`'s mapping (``alphas``, ``values``,
+        ``barrier_linear``, ``barrier_max_minus_mean``, keyed by value) plus ``metric``, the headline value's name.
+        The run's own model, data order and RNG are left untouched.
         """
         if self._probe is None:
             self._probe = copy.deepcopy(unwrap_model(state))  # one probe for the whole run, rewritten at every point
-        if on_train_subset:
-            spec, limit = self._train_spec(state), self.train_subset_batches
-        else:
-            evaluator = self._eval_spec(state)
-            spec, limit = evaluator.dataloader, evaluator.subset_num_batches
         recalibrate = self._recompute_batchnorm(state) if self.bn == 'recompute' else None
-        return error_curve(self._probe, state_a, state_b, self.alphas, self._scorer(state, spec, limit), recalibrate)
+        curve = metric_curve(self._probe, state_a, state_b, self.alphas, self._scorer(state, on_train_subset),
+                             recalibrate)
+        return {'metric': self._resolved_values(state)[0].name, **curve}
 
-    @torch.no_grad()
-    def _error(self, state: State, model: nn.Module) -> float:
-        evaluator = self._eval_spec(state)
-        return self._scorer(state, evaluator.dataloader, evaluator.subset_num_batches)(model)[0]
+    def _resolved_values(self, state: State) -> list[Value]:
+        if self._values is None:
+            evaluator = find_evaluator(state, self.eval_label)
+            self._values = resolve_values(state.eval_metrics[evaluator.label], self.metric)
+        return self._values
 
-    def _scorer(self, state: State, spec: DataSpec, limit: Optional[int]) -> Callable[[nn.Module], tuple[float, float]]:
-        reduce, batches = sum_over_ranks(state), DeviceBatches(state, spec, limit)
-
-        def score(model: nn.Module) -> tuple[float, float]:
-            with model_eval_mode(model), seeded_rng(state):
-                return error_and_loss(((model.eval_forward(batch), batch[1]) for batch in batches), reduce=reduce)
-
-        return score
+    def _scorer(self, state: State, on_train_subset: bool = False) -> Scorer:
+        evaluator = find_evaluator(state, self.eval_label)
+        batches = (train_batches(state, self._train_spec(state), self.train_subset_batches) if on_train_subset else
+                   evaluator_batches(state, evaluator))
+        return Scorer(state, batches, state.eval_metrics[evaluator.label], self._resolved_values(state))
 
     def _recompute_batchnorm(self, state: State) -> Callable[[nn.Module], None]:
-        batches = DeviceBatches(state, self._train_spec(state), self.bn_batches)
+        batches = train_batches(state, self._train_spec(state), self.bn_batches)
 
         def recalibrate(model: nn.Module) -> None:
             with seeded_rng(state):
@@ -198,18 +220,6 @@ class LMCEvaluator(Callback):
                             buffer.div_(world)
 
         return recalibrate
-
-    def _eval_spec(self, state: State):
-        evaluators = list(state.evaluators or [])
-        if not evaluators:
-            raise ValueError('LMCEvaluator: the run has no evaluator; pass eval_dataloader to the Trainer')
-        if self.eval_label is None:
-            return evaluators[0]
-        for evaluator in evaluators:
-            if evaluator.label == self.eval_label:
-                return evaluator
-        raise ValueError(f'eval_label: {self.eval_label!r} is not an evaluator of this run; '
-                         f'labels are {[e.label for e in evaluators]}')
 
     def _train_spec(self, state: State) -> DataSpec:
         if self.train_dataloader is not None:
