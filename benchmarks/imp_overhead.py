@@ -25,6 +25,8 @@ LEVEL_BATCHES, REWIND_BATCHES, LEVELS = 20, 2, 2
 
 
 class StepTimer(Callback):
+    imp_rewind = False  # a record across levels: IMP must not replay it with the run
+
     def __init__(self):
         self.steps: list[float] = []
         self._start = 0.0
@@ -39,9 +41,10 @@ class StepTimer(Callback):
 
 
 class TimedIMP(IMP):
-    """IMP that accounts the time of its per-step work (the events every batch goes through)."""
+    """IMP that accounts the time of its per-step work at the events every batch goes through (its gradient masking
+    runs inside backward(), so it shows in the step time only)."""
 
-    PER_STEP = (Event.AFTER_DATALOADER, Event.BATCH_START, Event.AFTER_TRAIN_BATCH, Event.BATCH_END)
+    PER_STEP = (Event.AFTER_DATALOADER, Event.BATCH_START, Event.BATCH_END)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

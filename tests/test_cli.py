@@ -114,6 +114,7 @@ def test_run_draws_every_plot(tiny_run):
         assert f'(plots/{name})' in report
     assert '## Per-layer density' in report and '`module.fc.weight`' in report
     assert '## Compute' in report and 'complete: 3 of 3 planned levels' in report
+    assert "MACs counted per layer by torch-pruning's count_ops_and_params" in report
 
 
 def test_run_saves_the_resolved_recipe_which_loads_again(tiny_run):

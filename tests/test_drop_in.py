@@ -617,3 +617,39 @@ def test_a_rewound_callback_that_refers_to_imp_leaves_imps_own_state_alone(tmp_p
     assert all(torch.equal(Holder.parent[k], v) for k, v in parent.items())
     point = torch.load(tmp_path / 'imp' / 'rewind_point.pt')['state_dict']
     assert all(torch.equal(imp.ticket()['rewind_point'][k], v) for k, v in point.items())
+
+
+def test_a_run_with_ema_killed_in_a_pruned_level_resumes_to_the_same_result(tmp_path):
+    """The components' state at the rewind step travels in the checkpoint: after a kill in level 1, level 2 still
+    replays EMA and the stopper from step k, and the run ends exactly as an uninterrupted one."""
+    from test_resume import FitStart, Kill
+
+    def train(folder, kill=None):
+        ema = algorithms.EMA(half_life='2ba')
+        stopper = EarlyStopper(monitor='MulticlassAccuracy', dataloader_label='eval', patience='20ba')
+        model = replay_cnn()
+        trainer = Trainer(model=model, train_dataloader=image_loader(), eval_dataloader=image_loader(split='test'),
+                          max_duration='3ep', optimizers=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                          schedulers=[CosineAnnealingScheduler()], eval_interval='1ep',
+                          algorithms=[ema, IMP(levels=2, prune_fraction=0.5, rewind_to='6ba',
+                                               folder=str(folder / 'imp'))],
+                          callbacks=[stopper, FitStart()] + ([kill] if kill else []),
+                          save_folder=str(folder / 'ckpt'), save_interval='1ba', run_name='ema', autoresume=True,
+                          progress_bar=False, seed=5, device='cpu')
+        try:
+            trainer.fit()
+            return {k: v.clone() for k, v in trainer.state.model.state_dict().items()}, {
+                n: t.clone() for n, t in ema.ema_model.named_parameters_dict.items()}
+        except KeyboardInterrupt:
+            return None
+        finally:
+            trainer.close()
+
+    reference = train(tmp_path / 'ref')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the Kill callback is not in the resumed run: IMP says so
+        assert train(tmp_path / 'run', Kill('batch_start', 1, 9)) is None
+        resumed = train(tmp_path / 'run')
+    assert FitStart.batch == 9
+    for got, expected in zip(resumed, reference):
+        assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)

@@ -178,9 +178,6 @@ class ScriptedStep(SparsityStep):
     def finished(self, imp):
         return not self.fractions
 
-    def planned_levels(self, density, target_density):
-        return len(self.fractions)
-
 
 def test_lmc_evaluator_and_adaptive_step_leave_the_training_run_bit_identical(tmp_path):
     """Their evaluations iterate the train loader (probe, BatchNorm-free train subset) and the eval and validation

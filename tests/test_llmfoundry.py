@@ -60,6 +60,7 @@ def check_level_records(history: list[dict]) -> None:
         assert 0 < record['lmc/error'] < 1 and len(record['lmc/curve']['error']) == 5
     flops_per_sample = [r['flops'] / r['samples'] for r in history]
     assert all(f > 0 for f in flops_per_sample) and flops_per_sample == sorted(flops_per_sample, reverse=True)
+    assert {r['flops_method'] for r in history} == {'torch-pruning'}
 
 
 def test_train_from_yaml_runs_imp_and_the_lmc_evaluator_on_a_tiny_mpt(streaming_env):

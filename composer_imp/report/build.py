@@ -39,6 +39,18 @@ LEVELS_FILE = 'levels.jsonl'  # as composer_imp.functional.ticket.LEVELS_FILE, w
 DEFAULT_BARRIER_THRESHOLD = 0.02  # the LMC evaluator's default: 2 percentage points
 
 
+
+_FLOPS_METHODS = {
+    'torch-pruning': "counted per layer by torch-pruning's count_ops_and_params",
+    'parameter-count': 'estimated from parameter counts (one MAC per weight and token): torch-pruning could not '
+                       'count this model',
+}
+
+
+def _flops_method(records: list[dict]) -> str:
+    methods = {r.get('flops_method') for r in records} - {None}
+    return '; '.join(_FLOPS_METHODS.get(m, m) for m in sorted(methods)) or 'not counted'
+
 def _read_json(path: str) -> Optional[Any]:
     try:
         with open(path) as f:
@@ -240,8 +252,8 @@ def build_report(run_dir: str) -> str:
                      f'the straight line between the endpoint errors along the linear path from level L−1 to level L '
                      f'(absolute, pp); **connected**: barrier ≤ {100 * settings["threshold"]:g} pp. **pruned by**: '
                      f'fraction of the parent level\'s remaining weights pruned to make this level. FLOPs count '
-                     f'training at each level\'s density (6 per MAC and sample). Rejected attempts of the adaptive '
-                     f'step are struck through.')
+                     f'training at each level\'s density (6 per MAC and sample; MACs {_flops_method(records)}). '
+                     f'Rejected attempts of the adaptive step are struck through.')
         lines.append('')
         matching = [r for r in rows if r['accepted'] and r['level'] > 0 and r['matching']]
         if matching:

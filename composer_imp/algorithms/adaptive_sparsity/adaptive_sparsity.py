@@ -21,7 +21,7 @@ from composer.utils import dist, model_eval_mode
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from composer_imp.algorithms.imp.sparsity_step import SparsityStep, levels_to_density
+from composer_imp.algorithms.imp.sparsity_step import SparsityStep
 from composer_imp.evaluation import (
     Scorer,
     check_metric_name,
@@ -327,10 +327,6 @@ class AdaptiveSparsityStep(SparsityStep):
 
     def finished(self, imp: 'IMP') -> bool:
         return self.max_levels is not None and imp.level >= self.max_levels
-
-    def planned_levels(self, density: float, target_density: float) -> int:
-        """An upper bound: levels at ``p_min`` (IMP extends or shortens the run as the real steps are chosen)."""
-        return levels_to_density(density, target_density, self.p_min)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -75,7 +75,8 @@ class IMP(Algorithm):
         prune_fraction: fraction of the *remaining* prunable weights pruned after each level, in (0, 1).
         rewind_to: the rewind step k as a Composer time string: ``'500ba'``, ``'2ep'``, ``'0.05dur'`` (of T);
             ``'0ba'`` rewinds to initialization.
-        scope: ``'global'`` ranks all prunable weights together; ``'layerwise'`` prunes each tensor by the fraction.
+        scope: ``'global'`` ranks all prunable weights together; ``'layerwise'`` prunes each tensor by the fraction;
+            ``'lamp'`` ranks layer-normalised scores globally (Lee et al. 2021), for layers of different init scale.
         ignore: fnmatch patterns of parameter names to leave dense (e.g. ``['fc.weight']``).
         embeddings: also prune embedding tables (``nn.Embedding``); dense by default.
         rewind_optimizer: restore the optimizer state of step k at each rewind (default: fresh state, as open_lth).
@@ -558,6 +559,7 @@ class IMP(Algorithm):
             'steps': int(now.batch) - start['batch'],
             'samples': samples,
             'flops': self.training_flops(samples),
+            'flops_method': (self._macs or {}).get('method'),
             'seconds': now.total_wct.total_seconds() - self._level_start_wct,
             'start_batch': self._offsets['batch'] + start['batch'],
             'end_batch': self._offsets['batch'] + int(now.batch),

@@ -46,6 +46,7 @@ NOT_REWOUND = 'imp_rewind'
 _ALLOWED_MODULE_PREFIXES = ('torch', 'composer', 'composer_imp', 'collections', 'numpy', 'datetime', 'functools',
                             'copy', 'transformers', 'torchmetrics', 'llmfoundry', 'streaming', 'math', 'weakref',
                             '_weakrefset', 'enum', 'pathlib', 'omegaconf', 'PIL', 'torchvision', 're')
+_VALUE_TYPES = (str, bytes, int, float, bool, tuple)
 _SAFE_BUILTINS = {'set', 'frozenset', 'slice', 'range', 'complex', 'bytearray', 'getattr', 'dict', 'list', 'tuple',
                   'object', 'int', 'float', 'bool', 'str', 'bytes'}
 
@@ -99,7 +100,8 @@ def _live_objects(state: State) -> dict[tuple, Any]:
     live[('device',)] = state.device
     live[('scaler',)] = state.scaler
     live[('train_dataloader',)] = state.train_dataloader
-    return live
+    # None and interned values are no run object: as references they would capture every None, 0 or '' by identity.
+    return {key: obj for key, obj in live.items() if obj is not None and not isinstance(obj, _VALUE_TYPES)}
 
 
 class _Pickler(pickle.Pickler):
@@ -121,7 +123,10 @@ class _Pickler(pickle.Pickler):
 
 
 class _Unpickler(pickle.Unpickler):
-    """Resolves run references to the live objects; builds only classes of known libraries and of the components."""
+    """Resolves run references to the live objects; builds only classes of known libraries and of the components.
+
+    A narrowing, not a sandbox: these bytes travel inside a Composer checkpoint, which Composer 0.32.1 itself
+    unpickles without restriction."""
 
     def __init__(self, file: io.BytesIO, live: dict[tuple, Any], component_modules: set[str]):
         super().__init__(file)

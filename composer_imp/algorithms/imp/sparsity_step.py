@@ -10,7 +10,7 @@ from composer.loggers import Logger
 if TYPE_CHECKING:
     from composer_imp.algorithms.imp.imp import IMP
 
-__all__ = ['SparsityStep', 'FixedStep', 'levels_to_density']
+__all__ = ['SparsityStep', 'FixedStep']
 
 
 class SparsityStep:
@@ -45,10 +45,6 @@ class SparsityStep:
         """True to end the run after the level just accepted, before IMP's own ``levels``/``target_density`` rule."""
         return False
 
-    def planned_levels(self, density: float, target_density: float) -> int:
-        """A guess of the levels still to train (sets the Trainer's total duration for its progress bar)."""
-        return 1
-
     def state_dict(self) -> dict[str, Any]:
         return {'decision': self.decision}
 
@@ -69,14 +65,3 @@ class FixedStep(SparsityStep):
         self.decision = {'fraction': self.prune_fraction}
         return self.prune_fraction
 
-    def planned_levels(self, density: float, target_density: float) -> int:
-        return levels_to_density(density, target_density, self.prune_fraction)
-
-
-def levels_to_density(density: float, target_density: float, fraction: float) -> int:
-    """Levels of constant ``fraction`` that take ``density`` to ``target_density`` or below."""
-    levels, nominal = 0, density
-    while nominal > target_density * (1 + 1e-9):
-        nominal *= 1 - fraction
-        levels += 1
-    return levels
