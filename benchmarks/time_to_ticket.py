@@ -103,7 +103,7 @@ def run_one(method: str, seed: int, folder: str, adaptive_kwargs: Optional[dict[
     start = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - start
-    assert int(trainer.state.timestamp.batch) == sum(r['steps'] for r in imp.history)
+    assert imp.run_time(trainer.state)['batch'] == sum(r['steps'] for r in imp.history)
     trainer.close()
 
     history = imp.history

@@ -653,3 +653,12 @@ def test_a_run_with_ema_killed_in_a_pruned_level_resumes_to_the_same_result(tmp_
     assert FitStart.batch == 9
     for got, expected in zip(resumed, reference):
         assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_torch_compiled_model_replays_level_zero(tmp_path):
+    """Composer compiles the model's forward in place; the gradient-masking hooks and the replay act on the same
+    parameters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch-pruning cannot trace a compiled forward: FLOPs from parameter counts
+        _, imp, observer = run_imp(tmp_path, compile_config={})
+    assert_faithful_replay(tmp_path, imp, observer, 12, 6)
