@@ -662,3 +662,30 @@ def test_a_torch_compiled_model_replays_level_zero(tmp_path):
         warnings.simplefilter('ignore')  # torch-pruning cannot trace a compiled forward: FLOPs from parameter counts
         _, imp, observer = run_imp(tmp_path, compile_config={})
     assert_faithful_replay(tmp_path, imp, observer, 12, 6)
+
+
+def test_rewound_component_state_loads_no_code(tmp_path):
+    """The component snapshot travels in checkpoints: a crafted pickle in it must not run, and tensors are kept
+    outside the pickle (torch's storage pickles would load through an unrestricted torch.load)."""
+    import pickle as std_pickle
+
+    from composer_imp.algorithms.imp.replay import ComponentSnapshot, rewound_components
+
+    _, imp, _ = run_imp(tmp_path, [algorithms.EMA(half_life='2ba')], levels=1)
+    snapshot = imp.state_dict()['rewind_components']
+    assert snapshot['tensors'] and all(isinstance(t, torch.Tensor) for t in snapshot['tensors'])
+    assert b'_load_from_bytes' not in snapshot['data'].numpy().tobytes()
+
+    marker = tmp_path / 'ran'
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+
+    trainer = Trainer(model=replay_cnn(), train_dataloader=image_loader(), max_duration='12ba',
+                      algorithms=[IMP(levels=1, rewind_to='2ba', folder=str(tmp_path / 'imp2'))], device='cpu')
+    crafted = ComponentSnapshot(std_pickle.dumps({'x#0': {'a': Payload()}}), [])
+    with pytest.raises(std_pickle.UnpicklingError, match='posix.system|os.system'):
+        crafted.load(trainer.state, rewound_components(trainer.state, imp))
+    assert not marker.exists()
+    trainer.close()

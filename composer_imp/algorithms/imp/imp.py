@@ -323,7 +323,7 @@ class IMP(Algorithm):
             'masks': self._masks,
             'rewind_point': self._rewind_point,
             'rewind_run': self._rewind_run,
-            'rewind_components': None if self._rewind_components is None else self._rewind_components.to_tensor(),
+            'rewind_components': None if self._rewind_components is None else self._rewind_components.state_dict(),
             'rewind_optimizers': self._rewind_optimizers,
             'previous_level_state': self._previous_level_state,
             'previous_masks': self._previous_masks,
@@ -344,7 +344,7 @@ class IMP(Algorithm):
         self._masks = state['masks']
         self._rewind_point = state['rewind_point']
         self._rewind_run = state['rewind_run']
-        self._rewind_components = None if state['rewind_components'] is None else ComponentSnapshot.from_tensor(
+        self._rewind_components = None if state['rewind_components'] is None else ComponentSnapshot.from_state_dict(
             state['rewind_components'])
         self._rewind_optimizers = state['rewind_optimizers']
         self._previous_level_state = state['previous_level_state']
@@ -390,7 +390,7 @@ class IMP(Algorithm):
             if self._rewind_components is None:
                 # Fail at construction, not at step k, for a component whose state cannot be rewound.
                 components = rewound_components(state, self)
-                ComponentSnapshot.capture(state, components).load(state, components)
+                ComponentSnapshot.capture(state, components).check_loadable(state, components)
         shift_logger_steps(logger, lambda: self._offsets['batch'])
         prefix_checkpoint_names(state, self._checkpoint_names, self._checkpoint_prefix())
         self._masked_params = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -43,12 +44,19 @@ __all__ = [
 #: Set ``imp_rewind = False`` on a callback or algorithm whose state must carry across levels (a logger-like record).
 NOT_REWOUND = 'imp_rewind'
 
-_ALLOWED_MODULE_PREFIXES = ('torch', 'composer', 'composer_imp', 'collections', 'numpy', 'datetime', 'functools',
-                            'copy', 'transformers', 'torchmetrics', 'llmfoundry', 'streaming', 'math', 'weakref',
-                            '_weakrefset', 'enum', 'pathlib', 'omegaconf', 'PIL', 'torchvision', 're')
+_ALLOWED_MODULE_PREFIXES = ('torch', 'composer', 'composer_imp', 'collections', 'numpy', 'datetime', 'transformers',
+                            'torchmetrics', 'llmfoundry', 'streaming', 'weakref', '_weakrefset', 'enum', 'omegaconf',
+                            'PIL', 'torchvision')
 _VALUE_TYPES = (str, bytes, int, float, bool, tuple)
-_SAFE_BUILTINS = {'set', 'frozenset', 'slice', 'range', 'complex', 'bytearray', 'getattr', 'dict', 'list', 'tuple',
-                  'object', 'int', 'float', 'bool', 'str', 'bytes'}
+_SAFE_BUILTINS = {'set', 'frozenset', 'slice', 'range', 'complex', 'bytearray', 'dict', 'list', 'tuple', 'object', 'int',
+                  'float', 'bool', 'str', 'bytes'}
+# Modules whose functions fetch, load or compile code or pickles: never called from a component snapshot.
+_LOADER_MODULES = ('torch.hub', 'torch.serialization', 'torch.package', 'torch.jit', 'torch.utils.cpp_extension',
+                   'torch._inductor', 'torch._dynamo', 'torch.distributed', 'torch.multiprocessing', 'composer.utils',
+                   'composer.cli', 'composer.loggers', 'transformers.pipelines', 'transformers.dynamic_module_utils',
+                   'transformers.utils.hub', 'llmfoundry.command_utils', 'llmfoundry.cli', 'streaming.base.storage')
+_SAFE_FUNCTIONS = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+                   ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar')}
 
 
 def rewound_components(state: State, imp: Any) -> list[Any]:
@@ -105,13 +113,25 @@ def _live_objects(state: State) -> dict[tuple, Any]:
 
 
 class _Pickler(pickle.Pickler):
+    """Run objects become references; tensors go, cloned, into a side list (saved by torch, loaded with
+    ``weights_only=True``), so the pickle itself holds only plain data and classes."""
 
     def __init__(self, file: io.BytesIO, keys_by_id: dict[int, tuple]):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.keys_by_id = keys_by_id
+        self.tensors: list[torch.Tensor] = []
+        self._tensor_index: dict[int, int] = {}
 
     def persistent_id(self, obj: Any) -> Optional[tuple]:
-        return self.keys_by_id.get(id(obj))
+        key = self.keys_by_id.get(id(obj))
+        if key is not None:
+            return key
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in self._tensor_index:
+                self._tensor_index[id(obj)] = len(self.tensors)
+                self.tensors.append(obj.detach().clone())
+            return ('tensor', self._tensor_index[id(obj)], isinstance(obj, nn.Parameter), bool(obj.requires_grad))
+        return None
 
     def reducer_override(self, obj: Any) -> Any:
         # Weak containers (which datasets an augmentation already wrapped) hold run objects: keep them by reference.
@@ -123,57 +143,89 @@ class _Pickler(pickle.Pickler):
 
 
 class _Unpickler(pickle.Unpickler):
-    """Resolves run references to the live objects; builds only classes of known libraries and of the components.
+    """Resolves run references to the live objects and tensors to copies of the saved ones, and looks up classes and
+    functions only in known libraries and the components' own modules, never in modules that fetch, load or compile
+    code or pickles (``os.system``, ``torch.load``, ``torch.hub``, Composer's checkpoint loader are refused). A
+    narrowing, not a sandbox: the Composer checkpoint that carries these bytes is itself unpickled by Composer 0.32.1
+    without restriction."""
 
-    A narrowing, not a sandbox: these bytes travel inside a Composer checkpoint, which Composer 0.32.1 itself
-    unpickles without restriction."""
-
-    def __init__(self, file: io.BytesIO, live: dict[tuple, Any], component_modules: set[str]):
+    def __init__(self, file: io.BytesIO, live: dict[tuple, Any], tensors: list[torch.Tensor],
+                 component_modules: set[str], device: Any):
         super().__init__(file)
-        self.live, self.component_modules = live, component_modules
+        self.live, self.tensors, self.component_modules, self.device = live, tensors, component_modules, device
 
     def persistent_load(self, key: Any) -> Any:
         key = tuple(key)
+        if key and key[0] == 'tensor':
+            _, index, is_parameter, requires_grad = key
+            tensor = self.device.tensor_to_device(self.tensors[index].clone())
+            return nn.Parameter(tensor, requires_grad=requires_grad) if is_parameter else tensor
         if key not in self.live:
             raise pickle.UnpicklingError(f'IMP: rewound component state refers to {key}, which this run does not have')
         return self.live[key]
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = (module == 'builtins' and name in _SAFE_BUILTINS) or module in self.component_modules or any(
-            module == p or module.startswith(p + '.') for p in _ALLOWED_MODULE_PREFIXES)
-        if not allowed:
-            raise pickle.UnpicklingError(f'IMP: rewound component state holds {module}.{name}, which is not loaded')
-        return super().find_class(module, name)
+        known = module in self.component_modules or any(module == p or module.startswith(p + '.')
+                                                         for p in _ALLOWED_MODULE_PREFIXES)
+        if module == 'builtins':
+            if name == 'getattr':
+                return _public_getattr  # how pickle stores a bound method (a model's ``loss``)
+            known = name in _SAFE_BUILTINS
+        loader = any(module == m or module.startswith(m + '.') for m in _LOADER_MODULES) or 'load' in name.lower()
+        found = super().find_class(module, name) if known and not loader else None
+        function_ok = (module, name) in _SAFE_FUNCTIONS or isinstance(found, types.BuiltinFunctionType) or isinstance(
+            found, types.FunctionType)  # a model's loss function, a metric's sync function
+        if found is not None and (isinstance(found, (type, torch.dtype)) or function_ok):
+            return found
+        raise pickle.UnpicklingError(f'IMP: rewound component state holds {module}.{name}, which is not loaded')
+
+
+def _public_getattr(obj: Any, name: str) -> Any:
+    """``getattr`` for unpickling: public attributes only, never a module (no path to ``__globals__`` or ``os``)."""
+    if not isinstance(name, str) or name.startswith('_') or isinstance(obj, types.ModuleType):
+        raise pickle.UnpicklingError(f'IMP: rewound component state asks for attribute {name!r} of {type(obj)}')
+    value = getattr(obj, name)
+    if isinstance(value, types.ModuleType):
+        raise pickle.UnpicklingError(f'IMP: rewound component state asks for module {name!r}')
+    return value
 
 
 class ComponentSnapshot:
-    """The instance state of the rewound components at the rewind step, as bytes with references to the live run.
+    """The instance state of the rewound components at the rewind step: a pickle with references to the live run, and
+    the tensors it holds (cloned at the rewind step).
 
     Components are matched by class and position among the components of that class, so a component added on
     resume (a new logger-like callback) is left as it is and one that is gone is ignored, each with a warning.
     """
 
-    def __init__(self, data: bytes):
-        self.data = data
+    def __init__(self, data: bytes, tensors: list[torch.Tensor]):
+        self.data, self.tensors = data, tensors
 
     @classmethod
     def capture(cls, state: State, components: list[Any]) -> 'ComponentSnapshot':
         live = _live_objects(state)
         keys_by_id = {id(obj): key for key, obj in live.items()}
         buffer = io.BytesIO()
+        pickler = _Pickler(buffer, keys_by_id)
         try:
-            _Pickler(buffer, keys_by_id).dump({key: dict(vars(c)) for key, c in _keyed(components).items()})
+            pickler.dump({key: dict(vars(c)) for key, c in _keyed(components).items()})
         except Exception as error:
             culprit = next((c for c in components if not _picklable(c, keys_by_id)), None)
-            name = type(culprit).__name__ if culprit is not None else 'a component'
-            raise ValueError(f'{name}: IMP cannot rewind its state at each level ({type(error).__name__}: {error}); set '
-                             f'{name}.{NOT_REWOUND} = False if it keeps no per-level state, or remove it') from error
-        return cls(buffer.getvalue())
+            raise _refusal(culprit, error) from error
+        return cls(buffer.getvalue(), pickler.tensors)
 
     def load(self, state: State, components: list[Any]) -> dict[str, dict[str, Any]]:
         """The components' instance states by component key, bound to the live run's objects."""
         modules = {type(c).__module__ for c in components}
-        return _Unpickler(io.BytesIO(self.data), _live_objects(state), modules).load()
+        return _Unpickler(io.BytesIO(self.data), _live_objects(state), self.tensors, modules, state.device).load()
+
+    def check_loadable(self, state: State, components: list[Any]) -> None:
+        """Raise the construction-time refusal when a component's captured state could not be restored."""
+        try:
+            self.load(state, components)
+        except pickle.UnpicklingError as error:
+            culprit = next((c for c in components if not _restorable(state, c)), None)
+            raise _refusal(culprit, error) from error
 
     def restore(self, state: State, components: list[Any], masks: dict[str, torch.Tensor]) -> None:
         states = self.load(state, components)
@@ -188,12 +240,18 @@ class ComponentSnapshot:
                 vars(component).update(states[key])
                 mask_weight_copies(states[key], masks, live)
 
-    def to_tensor(self) -> torch.Tensor:
-        return torch.frombuffer(bytearray(self.data), dtype=torch.uint8)
+    def state_dict(self) -> dict[str, Any]:
+        return {'data': torch.frombuffer(bytearray(self.data), dtype=torch.uint8), 'tensors': list(self.tensors)}
 
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor) -> 'ComponentSnapshot':
-        return cls(tensor.cpu().numpy().tobytes())
+    def from_state_dict(cls, stored: dict[str, Any]) -> 'ComponentSnapshot':
+        return cls(stored['data'].cpu().numpy().tobytes(), list(stored['tensors']))
+
+
+def _refusal(component: Any, error: BaseException) -> ValueError:
+    name = type(component).__name__ if component is not None else 'a component'
+    return ValueError(f'{name}: IMP cannot rewind its state at each level ({type(error).__name__}: {error}); set '
+                      f'{name}.{NOT_REWOUND} = False if it keeps no per-level state, or remove it')
 
 
 def _keyed(components: list[Any]) -> dict[str, Any]:
@@ -203,6 +261,14 @@ def _keyed(components: list[Any]) -> dict[str, Any]:
         index = sum(k.split('#')[0] == name for k in keyed)
         keyed[f'{name}#{index}'] = component
     return keyed
+
+
+def _restorable(state: State, component: Any) -> bool:
+    try:
+        ComponentSnapshot.capture(state, [component]).load(state, [component])
+        return True
+    except (pickle.UnpicklingError, ValueError):
+        return False
 
 
 def _picklable(component: Any, keys_by_id: dict[int, tuple]) -> bool:
