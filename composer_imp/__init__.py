@@ -10,6 +10,7 @@ __version__ = '0.1.0'
 
 _PUBLIC = {
     'IMP': 'composer_imp.algorithms.imp',
+    'NonFiniteError': 'composer_imp.algorithms.imp',
     'FixedStep': 'composer_imp.algorithms.imp',
     'SparsityStep': 'composer_imp.algorithms.imp',
     'AdaptiveSparsityStep': 'composer_imp.algorithms.adaptive_sparsity',

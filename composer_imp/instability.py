@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
@@ -180,7 +181,9 @@ def instability_analysis(
         'barriers': {name: {'linear': curve['barrier_linear'][name],
                             'max_minus_mean': curve['barrier_max_minus_mean'][name]} for name in curve['values']},
         'threshold': threshold,
-        'stable': curve['barrier_max_minus_mean'][headline] <= threshold,
+        # A nan barrier (a non-finite value on the path) is undefined: neither stable nor unstable.
+        'stable': (None if math.isnan(curve['barrier_max_minus_mean'][headline]) else
+                   curve['barrier_max_minus_mean'][headline] <= threshold),
         'bn': bn,
     }
     if level_dir is not None and dist.get_global_rank() == 0:

@@ -1,6 +1,8 @@
 """Error barriers, interpolation and BatchNorm re-estimation: the functional core (pure torch)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from composer_imp.functional import (
     interpolate_state,
     is_matching,
     load_interpolated_,
+    metric_curve,
     recompute_batchnorm,
     snapshot,
 )
@@ -215,3 +218,61 @@ def test_every_bad_input_raises_a_clear_error_before_any_evaluation(kwargs, matc
 def test_mismatch_between_the_model_and_the_endpoints_raises():
     with pytest.raises(ValueError, match='model: keys'):
         error_barrier(nn.Linear(4, 3), snapshot(_net(1)), snapshot(_net(2)), _data())
+
+
+# ------------------------------------------------------------------ non-finite values (issue 10)
+NAN = float('nan')
+
+
+def test_a_non_finite_value_anywhere_on_the_curve_makes_both_barriers_undefined_whatever_its_position():
+    alphas = [0.0, 0.5, 1.0]
+    for errors in ([NAN, 0.2, 0.1], [0.1, NAN, 0.1], [0.1, 0.2, NAN], [0.1, float('inf'), 0.1]):
+        assert math.isnan(barrier_linear(alphas, errors)), errors
+        assert math.isnan(barrier_max_minus_mean(alphas, errors)), errors
+    assert barrier_linear(alphas, [0.1, 0.3, 0.1]) == pytest.approx(0.2)  # finite curves are unchanged
+
+
+@pytest.mark.parametrize('endpoint', ['a', 'b'])
+@pytest.mark.parametrize('entry', ['0.weight', '3.bias', '1.running_var'])
+def test_nan_in_one_endpoint_gives_an_undefined_barrier_not_zero(endpoint, entry):
+    """The issue's ``lmc/barrier 0.0, connected true``: NaN propagates to every point (lerp is a + alpha * (b - a),
+    so even alpha = 0 is NaN), every NaN network predicts the same arg-max class, the error curve came out flat and
+    finite, and its barrier 0.0. The curve and both barriers must be NaN instead."""
+    model, data = _net(0), _data()
+    state_a, state_b = snapshot(_net(1)), snapshot(_net(2))
+    (state_a if endpoint == 'a' else state_b)[entry].view(-1)[0] = NAN
+    result = error_barrier(model, state_a, state_b, data)
+    assert all(math.isnan(e) for e in result['errors']), result['errors']
+    assert all(math.isnan(v) for v in result['losses'])
+    assert math.isnan(result['barrier_linear']) and math.isnan(result['barrier_max_minus_mean'])
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()), \
+        'the model gets its own (finite) weights back'
+
+
+@pytest.mark.parametrize('alpha', [0.0, 0.3, 1.0])
+def test_interpolation_propagates_nan_at_every_alpha_and_never_turns_it_into_a_finite_number(alpha):
+    state_a, state_b = snapshot(_net(1)), snapshot(_net(2))
+    state_b['0.weight'][0, 0] = NAN
+    point = interpolate_state(state_a, state_b, alpha)
+    model = _net(3)
+    load_interpolated_(model, state_a, state_b, alpha)
+    for values in (point, model.state_dict()):
+        assert math.isnan(float(values['0.weight'][0, 0]))
+        assert torch.isfinite(values['0.weight'].view(-1)[1:]).all(), 'NaN stays in its own entry'
+
+
+def test_metric_curve_scores_a_point_with_non_finite_weights_as_nan_even_when_evaluate_returns_a_number():
+    model = _net(0)
+    state_a, state_b = snapshot(_net(1)), snapshot(_net(2))
+
+    points = []
+
+    def poison_midpoint(m):  # e.g. BatchNorm statistics re-estimated into inf at one point of the path
+        points.append(m)
+        if len(points) == 2:
+            m[1].running_var.fill_(float('inf'))
+
+    curve = metric_curve(model, state_a, state_b, [0.0, 0.5, 1.0], lambda m: {'error': 0.25}, poison_midpoint)
+    assert curve['values']['error'][0] == 0.25 and curve['values']['error'][2] == 0.25
+    assert math.isnan(curve['values']['error'][1])
+    assert math.isnan(curve['barrier_linear']['error']) and math.isnan(curve['barrier_max_minus_mean']['error'])

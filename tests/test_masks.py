@@ -204,3 +204,42 @@ def test_the_functional_core_imports_nothing_from_composer():
             'bad = [m for m in sys.modules if m == "composer" or m.startswith("composer.")]; '
             'assert not bad, bad')
     subprocess.run([sys.executable, '-c', code], check=True)
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), float('-inf')])
+@pytest.mark.parametrize('call', [
+    lambda w, m: magnitude_masks(w, 0.2, m),
+    lambda w, m: magnitude_masks(w, 0.2, m, scope='layerwise'),
+    lambda w, m: magnitude_masks(w, 0.2, m, scope='lamp'),
+    lambda w, m: masks_at_density(w, 0.5, m),
+])
+def test_non_finite_alive_weights_are_refused_with_one_error_naming_the_tensors(bad, call):
+    """NaN has no magnitude order: ``histc`` fails on it and ``kthvalue`` sorts it last, so it would survive while
+    finite weights are over-pruned. Every entry point refuses, naming each bad tensor and no good one."""
+    weights = random_weights()
+    weights['a.weight'][3, 4] = bad
+    weights['c.weight'][0, 0] = bad
+    for masks in (None, {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}):
+        with pytest.raises(ValueError, match=r"weights: \['a.weight', 'c.weight'\] hold NaN or inf") as error:
+            call(weights, masks)
+        assert 'b.weight' not in str(error.value)
+
+
+def test_non_finite_values_at_pruned_positions_do_not_matter():
+    weights = random_weights()
+    masks = magnitude_masks(weights, 0.5)
+    dead = (~masks['a.weight']).nonzero()[0]
+    weights['a.weight'][tuple(dead)] = float('nan')
+    clean = random_weights()
+    assert all(torch.equal(masks_at_density(weights, 0.2, masks)[n], m)
+               for n, m in masks_at_density(clean, 0.2, masks).items())
+
+
+@pytest.mark.parametrize('size', [100, 4096 * 64 + 1])  # the direct kthvalue path and the histogram path
+def test_kth_smallest_refuses_nan_instead_of_a_histc_error_or_an_arbitrary_threshold(size):
+    from composer_imp.functional.masks import kth_smallest
+    values = torch.rand(size)
+    assert float(kth_smallest(values, 5)) == float(torch.kthvalue(values, 5).values)
+    values[size // 2] = float('nan')
+    with pytest.raises(ValueError, match='values: hold NaN or inf'):
+        kth_smallest(values, 5)

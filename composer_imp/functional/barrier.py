@@ -15,6 +15,7 @@ Errors are fractions (0.02 = 2 percentage points), so error barriers and toleran
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -77,15 +78,26 @@ def _curve(alphas: Sequence[float], errors: Sequence[float]) -> tuple[list[tuple
     return curve, ends[0.0], ends[1.0]
 
 
+def _undefined(curve: Sequence[tuple[float, float]]) -> bool:
+    """A NaN or inf anywhere on the path leaves the barrier undefined (Python's ``max`` would otherwise return
+    whichever value comes first in a comparison with NaN)."""
+    return not all(math.isfinite(e) for _, e in curve)
+
+
 def barrier_linear(alphas: Sequence[float], errors: Sequence[float]) -> float:
-    """max over alpha of E(alpha) - ((1 - alpha) * E(0) + alpha * E(1)); never negative (the endpoints give 0)."""
+    """max over alpha of E(alpha) - ((1 - alpha) * E(0) + alpha * E(1)); never negative (the endpoints give 0).
+    ``nan`` (undefined) when any value on the path is NaN or inf."""
     curve, e0, e1 = _curve(alphas, errors)
+    if _undefined(curve):
+        return math.nan
     return max(e - ((1.0 - a) * e0 + a * e1) for a, e in curve)
 
 
 def barrier_max_minus_mean(alphas: Sequence[float], errors: Sequence[float]) -> float:
-    """max over alpha of E(alpha) - (E(0) + E(1)) / 2 (Frankle et al. 2020)."""
+    """max over alpha of E(alpha) - (E(0) + E(1)) / 2 (Frankle et al. 2020); ``nan`` when any value is non-finite."""
     curve, e0, e1 = _curve(alphas, errors)
+    if _undefined(curve):
+        return math.nan
     return max(e for _, e in curve) - 0.5 * (e0 + e1)
 
 
@@ -151,6 +163,11 @@ def metric_curve(model: nn.Module, state_a: Mapping[str, Any], state_b: Mapping[
     given, runs after each point is loaded and before it is scored (BatchNorm re-estimation). Leaves the last point
     (alpha = 1) in ``model``. Returns ``{'alphas', 'values', 'barrier_linear', 'barrier_max_minus_mean'}``, the last
     three keyed by value name: ``values[name]`` is the curve, the barriers are floats.
+
+    Non-finite values: a point whose weights or buffers (after ``recalibrate``) hold NaN or inf scores ``nan`` for
+    every value -- an arg-max error of NaN logits is a finite number that means nothing -- and a barrier over a curve
+    with any non-finite value is ``nan`` (undefined). Interpolation propagates NaN: with NaN in one endpoint, every
+    point is NaN (``lerp`` computes ``a + alpha * (b - a)``), so the whole curve and both barriers are ``nan``.
     """
     grid = alpha_grid(alphas)
     check_endpoints(state_a, state_b, model)
@@ -159,14 +176,21 @@ def metric_curve(model: nn.Module, state_a: Mapping[str, Any], state_b: Mapping[
         load_interpolated_(model, state_a, state_b, alpha)
         if recalibrate is not None:
             recalibrate(model)
+        finite = _finite_state(model)
         for name, value in evaluate(model).items():
-            values.setdefault(name, []).append(float(value))
+            values.setdefault(name, []).append(float(value) if finite else math.nan)
     return {
         'alphas': grid,
         'values': values,
         'barrier_linear': {name: barrier_linear(grid, curve) for name, curve in values.items()},
         'barrier_max_minus_mean': {name: barrier_max_minus_mean(grid, curve) for name, curve in values.items()},
     }
+
+
+def _finite_state(model: nn.Module) -> bool:
+    """Whether every floating parameter and buffer of ``model`` is finite (one host sync per point)."""
+    tensors = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _check_not_empty(name: str, loader: Iterable[Any]) -> None:

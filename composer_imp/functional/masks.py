@@ -11,6 +11,11 @@ prunes more or fewer weights than asked, unlike open_lth's ``sorted[k]`` rule, w
 tie. The threshold is found with ``torch.kthvalue`` on the tensors' own device; nothing goes through numpy, and only
 LAMP sorts (each tensor, for its scores).
 
+Non-finite weights. NaN has no magnitude order (``histc`` fails on it, ``kthvalue`` sorts it last, so it would
+survive while finite weights are over-pruned) and inf is always kept, so ``magnitude_masks`` and ``masks_at_density``
+raise one ``ValueError`` naming every tensor with a NaN or inf *alive* weight (pruned entries do not count), and
+``kth_smallest`` refuses non-finite values. Cost: one ``isfinite`` pass per tensor and one host sync per call.
+
 Scopes (``SCOPES``): ``'global'`` ranks ``|w|`` over all tensors, ``'layerwise'`` prunes the fraction of each tensor,
 ``'lamp'`` ranks LAMP scores over all tensors (Layer-Adaptive Magnitude-based Pruning, Lee et al., ICLR 2021): with a
 tensor's alive weights sorted by ``|w|`` ascending (ties in index order), weight u scores
@@ -45,6 +50,7 @@ __all__ = [
     'layer_densities',
     'alive_count',
     'kth_smallest',
+    'non_finite_weights',
 ]
 
 EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
@@ -187,16 +193,46 @@ def _check_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.
                 f'masks[{name!r}]: shape {tuple(masks[name].shape)} does not match the weight shape {tuple(w.shape)}')
 
 
+_NON_FINITE_VALUES = ('values: hold NaN or inf, which have no order by magnitude; a k-th smallest (a pruning '
+                      'threshold) of them is meaningless')
+
+
+def non_finite_weights(weights: Mapping[str, torch.Tensor],
+                       masks: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+    """Names of the tensors holding NaN or inf (only alive entries count when ``masks`` is given); one host sync."""
+    if not weights:
+        return []
+    bad = torch.stack([(torch.isfinite(w) if masks is None else torch.isfinite(w) | ~masks[name]).all().cpu()
+                       for name, w in weights.items()])
+    return [name for name, ok in zip(weights, bad.tolist()) if not ok]
+
+
+def _check_finite(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None) -> None:
+    """Refuse non-finite alive weights: NaN has no magnitude order (``histc`` fails on it, ``kthvalue`` sorts it
+    last, so it would silently survive while finite weights are over-pruned), and an inf would always be kept."""
+    bad = non_finite_weights(weights, masks)
+    if bad:
+        raise ValueError(f'weights: {bad} hold NaN or inf; magnitude pruning cannot rank them, so no mask is computed. '
+                         'The network diverged (lower the learning rate, clip gradients) or was loaded from a bad '
+                         'checkpoint')
+
+
 def kth_smallest(values: torch.Tensor, k: int, bins: int = 4096) -> torch.Tensor:
     """The k-th smallest (1-based) entry of a 1-D tensor, exactly as ``torch.kthvalue`` returns it.
+
+    Raises ``ValueError`` if ``values`` holds NaN or inf.
 
     A histogram pass finds the few bins that must hold the answer; ``kthvalue`` then runs on those entries only.
     Exact whatever ``histc`` does at bin edges, because the entries below and inside the window are counted by direct
     comparison; falls back to a full ``kthvalue`` if the window misses.
     """
     if values.numel() < bins * 64:
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(_NON_FINITE_VALUES)
         return torch.kthvalue(values, k).values
     low, high = torch.aminmax(values)
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):  # aminmax propagates NaN: the check costs nothing
+        raise ValueError(_NON_FINITE_VALUES)
     if low == high:
         return low
     cumulative = torch.histc(values, bins, float(low), float(high)).cumsum(0)
@@ -257,6 +293,7 @@ def _prune(weights, masks, scope: str, count: Callable[[int, int], int]) -> dict
     if masks is not None:
         _check_masks(tensors, masks)
         masks = {n: masks[n].to(device=w.device, dtype=torch.bool) for n, w in tensors.items()}
+    _check_finite(tensors, masks)
     alive = {n: w.numel() if masks is None else int(torch.count_nonzero(masks[n])) for n, w in tensors.items()}
     if scope in ('global', 'lamp'):
         num_prune = count(sum(alive.values()), sum(w.numel() for w in tensors.values()))

@@ -259,6 +259,42 @@ def _trainer_error_path(recipe: Mapping[str, Any], error: BaseException) -> Reci
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
+def checkpoint_files_to_load(recipe: Mapping[str, Any], save_folder: Optional[str]) -> list[tuple[str, str]]:
+    """The local checkpoint files Composer's Trainer would load for ``recipe``, as ``(recipe key, path)``: autoresume's
+    ``latest-rank{rank}.pt`` in ``save_folder`` (rank 0's, which Composer broadcasts, and this rank's) if it exists,
+    and a local ``load_path``. A remote ``load_path`` (``s3://...``) is not listed: Composer downloads it itself."""
+    from composer.utils import dist
+    from composer.utils.file_helpers import format_name_with_dist
+
+    files = []
+    if recipe.get('autoresume') and save_folder is not None:
+        folder = format_name_with_dist(save_folder, recipe['run_name'])
+        for rank in sorted({0, dist.get_global_rank()}):
+            latest = os.path.join(folder, f'latest-rank{rank}.pt')  # Composer's default save_latest_filename
+            if os.path.exists(latest):
+                files.append(('autoresume', latest))
+    load_path = recipe.get('load_path')
+    if load_path and '://' not in load_path:
+        load_path = os.path.expandvars(os.path.expanduser(load_path))
+        if os.path.exists(load_path):
+            files.append(('load_path', load_path))
+    return files
+
+
+def check_checkpoints_to_load(recipe: Mapping[str, Any], save_folder: Optional[str]) -> None:
+    """Refuse (:class:`RecipeError`, one line naming the key, the file and the offending global) any checkpoint of
+    :func:`checkpoint_files_to_load` that ``torch.load(weights_only=True)`` with
+    :data:`composer_imp.safe_load.CHECKPOINT_GLOBALS` cannot read, before Composer (which unpickles with
+    ``weights_only=False``) touches it."""
+    from composer_imp.safe_load import UnsafeFileError, check_checkpoint
+
+    for key, path in checkpoint_files_to_load(recipe, save_folder):
+        try:
+            check_checkpoint(path, what='the checkpoint' if key == 'load_path' else 'the latest checkpoint')
+        except UnsafeFileError as error:
+            raise RecipeError(key, str(error)) from None
+
+
 def build_trainer(recipe: Any, *, overrides: Sequence[str] = (), model: Any = None, callbacks: Sequence[Any] = (),
                   loggers: Sequence[Any] = ()) -> Any:
     """A Composer ``Trainer`` for a recipe (a path, a mapping, or :func:`load_recipe`'s result), not yet fitted.
@@ -268,13 +304,18 @@ def build_trainer(recipe: Any, *, overrides: Sequence[str] = (), model: Any = No
     defaults to ``<save_folder>/imp``), callbacks and loggers, then the Trainer. ``callbacks`` and ``loggers`` are
     added to the recipe's own. The run folder is ``save_folder`` (default ``runs/<run_name>``); checkpoints go to
     ``<save_folder>/checkpoints`` unless ``checkpoints: false``. Raises :class:`RecipeError` (one line naming the
-    key) for anything the recipe gets wrong, before the Trainer exists whenever possible.
+    key) for anything the recipe gets wrong, before the Trainer exists whenever possible. A checkpoint it would load
+    (autoresume's latest one, a local ``load_path``) is first checked with ``torch.load(weights_only=True)``
+    (:func:`check_checkpoints_to_load`): one that holds anything but tensors and plain data is refused, unloaded.
     """
     from composer import Trainer
     from composer.utils import reproducibility
 
     recipe = resolve_run(load_recipe(recipe, overrides))
     run = run_folder(recipe)
+    own_saver = 'checkpoint_saver' in _section(recipe, 'callbacks')
+    save = recipe.get('checkpoints', True) and not own_saver
+    check_checkpoints_to_load(recipe, os.path.join(run, 'checkpoints') if save else None)
     seed = int(recipe['seed'])
     reproducibility.seed_all(seed)  # model init and anything else drawn before the Trainer seeds itself
 
@@ -294,8 +335,6 @@ def build_trainer(recipe: Any, *, overrides: Sequence[str] = (), model: Any = No
     all_callbacks = [*_build_section(recipe, 'callbacks', run), *callbacks]
     all_loggers = [*_build_section(recipe, 'loggers', run), *loggers]
 
-    own_saver = 'checkpoint_saver' in _section(recipe, 'callbacks')
-    save = recipe.get('checkpoints', True) and not own_saver
     has_progress_logger = 'progress_bar' in _section(recipe, 'loggers')
     kwargs: dict[str, Any] = dict(
         model=model,

@@ -183,6 +183,15 @@ def _fixed_equivalent(rows: Sequence[Mapping[str, Any]], records: Sequence[Mappi
             f'{abs(100 * saving):.1f}% {"fewer" if saving >= 0 else "more"} training steps.')
 
 
+def _barrier_pp(value: Any) -> str:
+    """An error barrier in pp; a nan one (a non-finite value on the path) is undefined, not a number."""
+    return f'{100 * value:.2f} pp' if value is not None and math.isfinite(value) else 'undefined'
+
+
+def _stable(value: Any) -> str:
+    return 'undefined' if value is None else ('yes' if value else 'no')
+
+
 def _fmt_seconds(seconds: float) -> str:
     return f'{seconds:.1f} s' if seconds < 120 else f'{seconds / 60:.1f} min'
 
@@ -322,8 +331,8 @@ def build_report(run_dir: str) -> str:
             density = result.get('density')
             lines.append(f'| {result.get("level")} | {"—" if density is None else f"{100 * density:.3g}%"} | '
                          f'{", ".join(str(s) for s in result.get("seeds", []))} | '
-                         f'{100 * result["barrier_max_minus_mean"]:.2f} pp | {100 * result["barrier_linear"]:.2f} pp | '
-                         f'{100 * result["threshold"]:g} pp | {"yes" if result.get("stable") else "no"} | {ends} | '
+                         f'{_barrier_pp(result["barrier_max_minus_mean"])} | {_barrier_pp(result["barrier_linear"])} | '
+                         f'{100 * result["threshold"]:g} pp | {_stable(result.get("stable"))} | {ends} | '
                          f'`{result["file"]}` |')
         lines.append('')
         for key, path in made.items():

@@ -63,7 +63,10 @@ def level_rows(records: Sequence[Mapping[str, Any]], matching_tolerance: Optiona
         acc = _finite((record.get('eval') or {}).get(key)) if key else None
         level = int(record.get('level', 0))
         matching = record.get('imp/matching')
-        if matching is None and level > 0 and acc is not None and dense_acc is not None:
+        # Recorded but not finite (NaN on the path or in the level's own value): undefined, shown as such.
+        barrier_undefined = 'lmc/barrier' in record and _finite(record.get('lmc/barrier')) is None
+        matching_undefined = 'imp/matching' in record and matching is None
+        if matching is None and not matching_undefined and level > 0 and acc is not None and dense_acc is not None:
             matching = is_matching(1.0 - acc, 1.0 - dense_acc, tolerance)
         accepted = bool(record.get('accepted', True))
         step = record.get('step') or {}
@@ -86,6 +89,8 @@ def level_rows(records: Sequence[Mapping[str, Any]], matching_tolerance: Optiona
             'barrier': _finite(record.get('lmc/barrier')),
             'barrier_metric': record.get('lmc/metric', 'error'),
             'connected': record.get('lmc/connected'),
+            'barrier_undefined': barrier_undefined,
+            'matching_undefined': matching_undefined and level > 0,
             'fraction': _finite(step.get('fraction')),
             'reason': step.get('reason'),
             'steps': record.get('steps'),
@@ -110,7 +115,10 @@ def _yes(value: Any) -> str:
 
 
 def _cells(row: Mapping[str, Any]) -> list[str]:
-    if row['barrier'] is None:
+    undefined = row.get('barrier_undefined', False)
+    if undefined:
+        barrier = 'undefined'
+    elif row['barrier'] is None:
         barrier = '—'
     elif row.get('barrier_metric', 'error') == 'error':
         barrier = f'{100 * row["barrier"]:.2f} pp'
@@ -124,9 +132,9 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
         _pct(row['density']),
         _pct(row['accuracy']),
         _pp(row['delta']),
-        _yes(row['matching']),
+        'undefined' if row.get('matching_undefined') else _yes(row['matching']),
         barrier,
-        _yes(row['connected']),
+        'undefined' if undefined else _yes(row['connected']),
         fraction,
         '—' if row['steps'] is None else str(row['steps']),
         '—' if row['seconds'] is None else f'{row["seconds"]:.1f}',

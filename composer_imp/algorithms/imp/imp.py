@@ -24,6 +24,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.file_helpers import format_name_with_dist
 
+from composer_imp.algorithms.imp.finite import NonFiniteError, non_finite_losses, non_finite_message, non_finite_tensors
 from composer_imp.algorithms.imp.replay import (
     ComponentSnapshot,
     DataloaderReplay,
@@ -289,6 +290,7 @@ class IMP(Algorithm):
             if not self._done and self._level_over(state):  # resumed from a checkpoint written before a transition
                 self._end_level(state, logger, mid_epoch=True)
         elif event == Event.BATCH_END:
+            self._check_finite(state, loss=True)
             if self._level > 0:
                 params, keep = self._keep_factors(state)
                 if params:
@@ -509,6 +511,23 @@ class IMP(Algorithm):
             for param, keep in zip(*self._keep_factors(state)):
                 self._gradient_hooks.append(param.register_hook(functools.partial(torch.mul, other=keep)))
 
+    # ------------------------------------------------------------------ non-finite values (finite.py)
+    def _check_finite(self, state: State, loss: bool = False, tensors: Optional[dict[str, Any]] = None) -> None:
+        """Raise ``NonFiniteError`` (a ``FloatingPointError``) naming the level and the level-local step if the
+        training loss (``loss=True``: Composer's ``total_loss_dict``, floats already on the host, so no sync per step)
+        or a floating tensor of ``tensors`` (one ``isfinite`` pass and one sync, at level ends and at step k) is not
+        finite."""
+        if loss:
+            bad_losses = non_finite_losses(state.total_loss_dict)
+            what = f'the training loss is not finite ({bad_losses})' if bad_losses else None
+        else:
+            bad_tensors = non_finite_tensors(tensors or {})
+            shown = bad_tensors[:5] + ([f'... {len(bad_tensors) - 5} more'] if len(bad_tensors) > 5 else [])
+            what = f'weights or buffers hold NaN or inf ({shown})' if bad_tensors else None
+        if what is not None:
+            raise NonFiniteError(non_finite_message(what, self._level, int(state.timestamp.batch), self._plan,
+                                                    self._resolved_folder))
+
     # ------------------------------------------------------------------ rewind point
     def _capture_rewind_point(self, state: State) -> None:
         """Snapshot the whole run at step k: weights and buffers (identical on every rank), time, optimizers and
@@ -517,6 +536,7 @@ class IMP(Algorithm):
         rewind_point = snapshot(model)
         for tensor in rewind_point.values():
             dist.broadcast(tensor, src=0)
+        self._check_finite(state, tensors=rewind_point)
         self._rewind_point = rewind_point
         previous = state.previous_timestamp
         self._rewind_run = {
@@ -548,6 +568,7 @@ class IMP(Algorithm):
     def _end_level(self, state: State, logger: Logger, mid_epoch: bool) -> None:
         now = state.timestamp
         model = unwrap_model(state)
+        self._check_finite(state, tensors=model.state_dict())  # before any record, hook (barrier) or mask
         start = self._rewind_run['timestamp'] if self._level > 0 else {'batch': 0, 'sample': 0}
         samples = int(now.sample) - start['sample']
         record: dict[str, Any] = {

@@ -7,6 +7,7 @@ It finds IMP among the run's algorithms by its level-end hook (duck typing), so 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional, Union
@@ -48,8 +49,9 @@ class LMCEvaluator(Callback):
     - ``lmc/barrier``: its ``barrier_linear``, the convention for successive levels (absolute: 0.02 = 2 points of
       error, or nats of loss); ``lmc/barrier_max_minus_mean``: Frankle et al. 2020's convention;
     - ``lmc/barrier/<value>``, ``lmc/barrier_max_minus_mean/<value>``: the same for every value measured;
-    - ``lmc/connected``: ``lmc/barrier <= threshold``;
-    - ``imp/matching``: the level's headline value <= the dense (level-0) one + ``matching_tolerance``;
+    - ``lmc/connected``: ``lmc/barrier <= threshold``; ``None`` (undefined) when the barrier is ``nan``;
+    - ``imp/matching``: the level's headline value <= the dense (level-0) one + ``matching_tolerance``; ``None`` when
+      either value is not finite;
     - ``lmc/<value>``: the level's own values (every level, level 0 included);
     - ``lmc/curve``: ``{'alphas', <value>: [...], ...}``; with ``train_subset_batches`` also ``lmc/train/...``.
 
@@ -146,7 +148,9 @@ class LMCEvaluator(Callback):
             current = model.state_dict()
             curve = self.barrier(state, parent, current)
             result.update(self._report('lmc/', curve))
-            result['lmc/connected'] = result['lmc/barrier'] <= self.threshold
+            # A NaN barrier (a non-finite value on the path) is undefined: neither connected nor not.
+            result['lmc/connected'] = (None if math.isnan(result['lmc/barrier']) else
+                                       result['lmc/barrier'] <= self.threshold)
             # At alpha = 1 the probe holds exactly the level's weights; with recomputed BN statistics it does not.
             own = ({name: values[-1] for name, values in curve['values'].items()} if self.bn == 'interpolate' else
                    self._scorer(state)(model))
@@ -158,7 +162,9 @@ class LMCEvaluator(Callback):
         if record['level'] == 0:
             self.dense_value = own[headline]
         if record['level'] > 0 and self.dense_value is not None:
-            result['imp/matching'] = is_matching(own[headline], self.dense_value, self.matching_tolerance)
+            defined = math.isfinite(own[headline]) and math.isfinite(self.dense_value)
+            result['imp/matching'] = (is_matching(own[headline], self.dense_value, self.matching_tolerance) if defined
+                                      else None)
         return result
 
     @staticmethod
