@@ -11,7 +11,9 @@ Multi-GPU and multi-node runs go through Composer's launcher, which starts one p
     composer -n 8 --world_size 16 --node_rank 0 --master_addr HOST --master_port 29500 \\
         -m composer_imp.cli run recipe.yaml run_name=r1      # and --node_rank 1 on the second node
 
-Every error is one line on stderr with exit code 2, and then nothing has been written.
+Every error is one line on stderr with exit code 2, and then nothing has been written. ``run`` stopped by SIGINT or
+SIGTERM writes the report of the finished levels and exits with 130 or 143; run again on a complete run folder, it
+says so and exits with 0, touching nothing.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -173,17 +176,158 @@ def _lmc_settings(recipe: dict) -> dict:
     return dict(lmc) if isinstance(lmc, dict) else {}
 
 
+# ---------------------------------------------------------------------------------------------------- run: signals
+class _Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived during ``fit()``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Make SIGINT and SIGTERM raise :class:`_Signalled` inside the block.
+
+    Composer's engine (``composer/core/engine.py``, at import) installs handlers that turn both signals into
+    ``sys.exit(128 + signum)``: a ``SystemExit`` that an ``except KeyboardInterrupt`` around ``fit()`` never sees.
+    The CLI installs its own handlers for the length of ``fit()`` and puts the previous ones (Composer's) back after,
+    so a second signal while the report is written still exits at once."""
+    import composer.core.engine  # noqa: F401  (its handlers are installed first, so that ours replace them)
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Signalled(signum)
+
+    previous = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+    except ValueError:  # not the main thread: signals stay with whoever handles them
+        pass
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _interrupt_signal(error: BaseException) -> Optional[int]:
+    """The signal number behind an exception out of ``fit()``, or None when it is not an interrupt. A plain
+    ``KeyboardInterrupt`` counts as SIGINT; Composer's ``sys.exit(130 / 143)`` (its handlers, if they ran anyway)
+    as SIGINT / SIGTERM."""
+    if isinstance(error, _Signalled):
+        return error.signum
+    if isinstance(error, KeyboardInterrupt):
+        return int(signal.SIGINT)
+    if isinstance(error, SystemExit) and error.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        return int(error.code) - 128
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- run: resume
+# Recipe keys that may differ between the command that started a run and one that resumes it: they change what is
+# printed or logged, or how fast data is read, never what is trained. Anything else must match recipe.yaml.
+RESUME_MAY_DIFFER: dict[str, str] = {
+    'autoresume': 'the first command may have run without it; resuming needs it',
+    'save_folder': 'it is how this command found the run folder (it may be spelt differently, e.g. relative)',
+    'progress_bar': 'console output only',
+    'log_to_console': 'console output only',
+    'console_log_interval': 'console output only',
+    'python_log_level': 'console output only',
+    'loggers': 'where metrics are sent (TensorBoard, W&B, ...), not what is trained',
+    'callbacks.level_table': 'the console table of levels only',
+    'dist_timeout': 'how long ranks wait for each other, not what they compute',
+    'train_loader.num_workers': 'DataLoader worker processes: speed only, the samples and their order are the same',
+    'eval_loader.num_workers': 'DataLoader worker processes: speed only',
+}
+
+_UNSET = object()
+
+
+def _may_differ(path: str) -> bool:
+    return any(path == key or path.startswith(key + '.') for key in RESUME_MAY_DIFFER)
+
+
+def _first_difference(old: Any, new: Any, path: str = '') -> Optional[tuple[str, Any, Any]]:
+    """The first ``(dotted key, old value, new value)`` where two recipes differ, outside RESUME_MAY_DIFFER."""
+    if path and _may_differ(path):
+        return None
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*old, *(k for k in new if k not in old)]:
+            found = _first_difference(old.get(key, _UNSET), new.get(key, _UNSET), f'{path}.{key}' if path else str(key))
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            found = _first_difference(a, b, f'{path}.{i}')
+            if found:
+                return found
+        return None
+    return None if old == new else (path, old, new)
+
+
+def _show(value: Any) -> str:
+    if value is _UNSET:
+        return '(unset)'
+    return json.dumps(value, default=str, separators=(', ', ': '))
+
+
+def _read(path: str, loads: Any) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            data = loads(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _check_run_folder(run: str, recipe: dict) -> Optional[str]:
+    """Decide, before anything is built or written, what a run into the existing folder ``run`` may do. Returns the
+    report path when the run there is already complete (nothing to do); None to go on (a new folder, or a resume of
+    the same run with the same recipe); raises CLIError for another run's folder, a used folder without autoresume,
+    or a resume whose recipe differs from the stored one."""
+    import yaml
+
+    from composer_imp.report.build import RECIPE_FILE, RUN_INFO_FILE
+
+    if not os.path.isdir(run) or not os.listdir(run):
+        return None
+    stored = _read(os.path.join(run, RECIPE_FILE), yaml.safe_load)
+    info = _read(os.path.join(run, RUN_INFO_FILE), json.load) or {}
+    other = (stored or {}).get('run_name') or info.get('run_name')
+    if other and other != recipe['run_name']:
+        raise CLIError(f'save_folder: {run} holds the run {other}, not {recipe["run_name"]}; give a new '
+                       f'save_folder=..., or run_name={other} autoresume=true with its recipe to continue that run')
+    if not recipe.get('autoresume'):
+        raise CLIError(f'save_folder: {run} already holds files; give a new save_folder=..., or autoresume=true with '
+                       'the same run_name to continue that run')
+    if stored is not None:
+        found = _first_difference(stored, yaml.safe_load(yaml.safe_dump(recipe, sort_keys=False)))
+        if found:
+            key, old, new = found
+            raise CLIError(f'{key.rsplit(".", 1)[-1]}: the run in {run} was started with {key}={_show(old)}, this '
+                           f'command says {_show(new)}; resume with the same recipe, or give a new save_folder')
+    if info.get('status') == 'complete':
+        return os.path.join(run, 'report.md')
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
     import yaml
 
-    from composer_imp.recipes import build_trainer, load_recipe, resolve_run
+    from composer_imp.recipes.schema import load_recipe, read_recipe
+
+    read_recipe(args.recipe, args.overrides)  # file, text, YAML, overrides: checked before Composer and torch load
+    recipe = load_recipe(args.recipe, args.overrides)
+
+    from composer_imp.recipes import build_trainer, resolve_run
     from composer_imp.recipes.build import run_folder
     from composer_imp.report import build_report, log_report
     from composer_imp.report.build import RECIPE_FILE, RUN_INFO_FILE
     from composer_imp.report.live import LevelTable
 
-    recipe = load_recipe(args.recipe, args.overrides)
     if _world_size() > 1:
         from composer.utils import dist
 
@@ -191,9 +335,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     stem = os.path.splitext(os.path.basename(args.recipe))[0]
     recipe = _absolute_roots(resolve_run(recipe, stem=stem))
     run = run_folder(recipe)
-    if not recipe.get('autoresume') and os.path.isdir(run) and os.listdir(run):
-        raise CLIError(f'save_folder: {run} already holds files; give a new save_folder=..., or autoresume=true with '
-                       'the same run_name to continue that run')
+    done = _check_run_folder(run, recipe)
+    if done is not None:  # the same command again after the run finished: nothing to do, nothing is touched
+        _say(f'already complete: {done}')
+        return 0
     if _world_size() > 1:
         from composer.utils import dist
 
@@ -203,7 +348,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     table = [] if 'level_table' in (recipe.get('callbacks') or {}) else [LevelTable(matching_tolerance=tolerance)]
     with _nothing_written_on_error(run):
         trainer = build_trainer(recipe, callbacks=table)
-    info = {'status': 'running', 'command': ' '.join([PROG, 'run', args.recipe, *args.overrides]),
+    info = {'status': 'running', 'run_name': recipe['run_name'],
+            'command': ' '.join([PROG, 'run', args.recipe, *args.overrides]),
             'recipe_source': os.path.abspath(args.recipe), 'started': datetime.datetime.now().isoformat(),
             'world_size': _world_size(), **_environment()}
     info_path = os.path.join(run, RUN_INFO_FILE)
@@ -216,22 +362,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         _write_json(info_path, info)
         print(f'Run folder: {run}', flush=True)
 
-    def finish(status: str) -> Optional[str]:
+    def finish(status: str, **extra: Any) -> Optional[str]:
         if _rank() != 0:
             return None
-        info.update(status=status, finished=datetime.datetime.now().isoformat(), wall_seconds=time.time() - started)
+        info.update(status=status, finished=datetime.datetime.now().isoformat(), wall_seconds=time.time() - started,
+                    **extra)
         _write_json(info_path, info)
         return build_report(run)
 
     try:
-        trainer.fit()
-    except KeyboardInterrupt:
-        path = finish('interrupted')
-        _say('', 'Interrupted: the report covers the levels that finished.', path or '')
-        return 130
-    except BaseException:
-        finish('failed')
-        raise
+        with _signals_interrupt():
+            trainer.fit()
+    except BaseException as error:
+        signum = _interrupt_signal(error)
+        if signum is None:
+            finish('failed')
+            raise
+        name = signal.Signals(signum).name
+        path = finish('interrupted', signal=name)
+        _say('', f'Interrupted: the report covers the levels that finished ({name}).', path or '')
+        return 128 + signum
     imp = _imp(trainer)
     if imp is not None:
         log_report(trainer.logger, imp.history, tolerance)
@@ -253,11 +403,37 @@ def _summary(run: str) -> str:
     return 'Report: ' + text
 
 
+def _check_report_folder(run_dir: str) -> None:
+    """Refuse (CLIError) a folder that is not one run's folder: no ``levels.jsonl`` in it or below it, or a parent
+    folder of one or several runs. A run folder has ``recipe.yaml`` or ``run.json`` (a composer-imp run, even one
+    stopped before its first level), or ``levels.jsonl`` in itself or one folder down (``imp/``, llm-foundry's runs)."""
+    import glob
+
+    from composer_imp.report.build import RECIPE_FILE, RUN_INFO_FILE
+
+    levels_file = 'levels.jsonl'
+    if not os.path.isdir(run_dir):
+        raise CLIError(f'run_dir: {run_dir} is not a folder; give the save_folder of a composer-imp run')
+    if any(os.path.isfile(os.path.join(run_dir, name)) for name in (RECIPE_FILE, RUN_INFO_FILE)):
+        return
+    if glob.glob(os.path.join(glob.escape(run_dir), levels_file)) or glob.glob(
+            os.path.join(glob.escape(run_dir), '*', levels_file)):
+        return
+    found = sorted(glob.glob(os.path.join(glob.escape(run_dir), '**', levels_file), recursive=True))
+    if not found:
+        raise CLIError(f'run_dir: no {levels_file} found in {run_dir} (nor {RECIPE_FILE} or {RUN_INFO_FILE}); give '
+                       'the save_folder of a composer-imp run')
+    runs = sorted({os.path.dirname(os.path.dirname(path)) for path in found})
+    shown = ', '.join(runs[:5]) + (f' and {len(runs) - 5} more' if len(runs) > 5 else '')
+    if len(runs) == 1:
+        raise CLIError(f'run_dir: {run_dir} is not a run folder; the run below it is {shown}: give that folder')
+    raise CLIError(f'run_dir: {run_dir} is not a run folder; several runs found below it: {shown}; give one of them')
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    _check_report_folder(args.run_dir)
     from composer_imp.report import build_report
 
-    if not os.path.isdir(args.run_dir):
-        raise CLIError(f'run_dir: {args.run_dir} is not a folder; give the save_folder of a composer-imp run')
     print(build_report(args.run_dir))
     return 0
 

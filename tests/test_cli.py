@@ -168,18 +168,21 @@ def test_report_rebuilds_an_interrupted_run_folder(tiny_run, tmp_path, capsys):
 
 
 class StopAfterFirstLevel(Callback):
-    """Ctrl-C right after level 0 has finished."""
+    """Ctrl-C right after level 0 has finished, once per `armed = True` (a resume keeps the recipe, so the callback)."""
+    armed = True
 
     def batch_end(self, state, logger):
         from composer_imp.algorithms.imp import IMP
 
         imp = next(a for a in state.algorithms if isinstance(a, IMP))
-        if imp.history:
+        if imp.history and StopAfterFirstLevel.armed:
+            StopAfterFirstLevel.armed = False
             raise KeyboardInterrupt
 
 
 def test_a_run_stopped_by_ctrl_c_still_gets_its_report(tmp_path, capsys):
     REGISTRIES['callbacks'].register('stop_after_first_level', StopAfterFirstLevel)
+    StopAfterFirstLevel.armed = True
     try:
         recipe = write_recipe(tmp_path / 'tiny.yaml', callbacks={'stop_after_first_level': None})
         code, out, _ = run_cli(['run', recipe, f'save_folder={tmp_path}/run', 'checkpoints=false',
@@ -196,12 +199,14 @@ def test_autoresume_continues_an_interrupted_run_to_the_end(tmp_path, capsys):
     recipe = write_recipe(tmp_path / 'tiny.yaml', run_name='resumable', autoresume=True, loggers={})
     run = str(tmp_path / 'run')
     REGISTRIES['callbacks'].register('stop_after_first_level', StopAfterFirstLevel)
+    StopAfterFirstLevel.armed = True
     try:
         code, _, _ = run_cli(['run', recipe, f'save_folder={run}', 'callbacks.stop_after_first_level={}'], capsys)
+        assert code == 130 and [r['level'] for r in levels(run)] == [0]
+        code, out, err = run_cli(['run', recipe, f'save_folder={run}', 'callbacks.stop_after_first_level={}'],
+                                 capsys)  # the same command again
     finally:
         REGISTRIES['callbacks'].unregister('stop_after_first_level')
-    assert code == 130 and [r['level'] for r in levels(run)] == [0]
-    code, out, err = run_cli(['run', recipe, f'save_folder={run}'], capsys)  # the same command again
     assert code == 0, err
     assert [r['level'] for r in levels(run)] == [0, 1, 2]
     assert 'complete: 3 of 3 planned levels' in open(os.path.join(run, 'report.md')).read()

@@ -199,3 +199,129 @@ def test_a_barrier_on_the_loss_is_shown_in_its_own_units_not_in_points():
     loss_run = [dict(r, **{'lmc/metric': 'loss'}) for r in FIXED]
     error_row, loss_row = console_row(level_rows(FIXED)[3]), console_row(level_rows(loss_run)[3])
     assert '5.00 pp' in error_row and '5.00 pp' not in loss_row and '0.05 loss' in loss_row
+
+
+# ---------------------------------------------------------------- what a user sees: uncertainty, plots, progress
+
+def test_the_level_table_gives_a_95_percent_interval_and_says_what_n_test_samples_resolve(tmp_path):
+    from composer_imp.report.tables import wilson_interval
+
+    low, high = wilson_interval(0.95, 1000)
+    assert (round(low, 4), round(high, 4)) == (0.9347, 0.9619)  # Wilson score interval, z = 1.96
+    assert level_rows(FIXED, eval_samples=1000)[2]['accuracy_ci'] == wilson_interval(0.951, 1000)
+    recipe = {**FIXED_RECIPE, 'eval_loader': {'name': 'mnist-5k', 'batch_size': 500}}
+    report = open(build_report(make_run(tmp_path, FIXED, recipe))).read()
+    assert '| level | density | test acc [95% CI] | vs dense |' in report
+    assert '| 2 | 64.00% | 95.10% [93.6, 96.3] | +0.10 pp | yes |' in report
+    assert 'n = 1,000 samples' in report and 'steps of 0.1 pp' in report and '±0.7 pp' in report
+    assert 'less than about 1.9 pp are not resolved' in report
+    # A record carrying its own sample count wins over the recipe's data set.
+    assert level_rows([dict(FIXED[0], eval_samples=10000)], eval_samples=1000)[0]['eval_samples'] == 10000
+
+
+def test_without_a_known_eval_sample_count_the_report_says_it_cannot_give_an_interval(tmp_path):
+    report = open(build_report(make_run(tmp_path, FIXED, FIXED_RECIPE))).read()
+    assert '| level | density | test acc | vs dense |' in report and '[95% CI]' not in report
+    assert 'cannot give a confidence interval' in report
+
+
+def _capture(monkeypatch):
+    """Run a plot function and keep its figure (drawn) instead of only the file."""
+    from composer_imp.report import plots
+
+    figures = []
+    original = plots._save
+
+    def save(fig, path):
+        figures.append(fig)
+        result = original(fig, path)  # tight layout, as in the files
+        fig.canvas.draw()
+        return result
+
+    monkeypatch.setattr(plots, '_save', save)
+    return plots, figures, original
+
+
+def _legend_is_outside(fig):
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    return legend is not None and legend.get_window_extent().x0 >= ax.get_window_extent().x1 - 1
+
+
+def test_a_zero_barrier_gets_a_visible_marker_in_its_colour_and_legends_sit_outside(tmp_path, monkeypatch):
+    plots, figures, _ = _capture(monkeypatch)
+    rows = level_rows(FIXED)  # level 1: barrier 0.0, matching (green)
+    plots.barrier_per_level(rows, str(tmp_path / 'b.png'), 0.02)
+    plots.accuracy_vs_density(rows, str(tmp_path / 'a.png'), 0.01)
+    plots.interpolation_paths(FIXED, str(tmp_path / 'p.png'))
+    barrier = figures[0]
+    markers = [c for c in barrier.axes[0].collections if len(c.get_offsets())]
+    assert len(markers) == 1 and [tuple(o) for o in markers[0].get_offsets()] == [(0.0, 0.0)]
+    import matplotlib.colors as mcolors
+    assert tuple(markers[0].get_facecolors()[0][:3]) == mcolors.to_rgb('tab:green')
+    assert barrier.axes[0].get_ylim()[0] < 0  # the marker is not cut in half by the axis
+    assert all(_legend_is_outside(f) for f in figures)
+    labels = [t.get_text() for t in barrier.axes[0].get_legend().get_texts()]
+    assert 'matching unknown' not in labels and any('≈ 0' in t for t in labels)
+
+
+def test_the_adaptive_plot_says_red_is_rejected_only_when_a_level_was_rejected(tmp_path, monkeypatch):
+    plots, figures, _ = _capture(monkeypatch)
+    plots.adaptive_fractions(level_rows(ADAPTIVE), str(tmp_path / 'with.png'), 0.2)
+    plots.adaptive_fractions(level_rows([r for r in ADAPTIVE if r['accepted']]), str(tmp_path / 'without.png'), 0.2)
+    assert '(red: rejected)' in figures[0].axes[0].get_title()
+    assert 'red' not in figures[1].axes[0].get_title()
+    caption = open(build_report(make_run(tmp_path, [r for r in ADAPTIVE if r['accepted']],
+                                         {**FIXED_RECIPE, 'algorithms': {'imp': {'target_density': 0.25},
+                                                                         'adaptive_sparsity_step': {}}}))).read()
+    assert 'red: rejected' not in caption and 'red crosses' not in caption
+
+
+def test_the_instability_title_names_the_barrier_it_quotes_and_gives_the_linear_one(tmp_path, monkeypatch):
+    from composer_imp.functional import barrier_linear, barrier_max_minus_mean
+
+    plots, figures, _ = _capture(monkeypatch)
+    alphas, errors = [0, 0.5, 1], [0.02, 0.0253, 0.03]  # unequal endpoints, a path just above the chord
+    result = {'level': 2, 'seeds': [1, 2], 'metric': 'error', 'alphas': alphas,
+              'values': {'error': errors}, 'barrier_linear': barrier_linear(alphas, errors),
+              'barrier_max_minus_mean': barrier_max_minus_mean(alphas, errors), 'threshold': 0.02, 'stable': True}
+    plots.instability_curve(result, str(tmp_path / 'i.png'))
+    title = figures[0].axes[0].get_title()
+    assert 'barrier (max − mean) 0.50 pp, stable' in title  # the convention the verdict uses
+    assert 'linear barrier (above the chord) 0.03 pp' in title
+    assert _legend_is_outside(figures[0])
+
+
+def test_the_level_table_prints_plain_progress_lines_within_each_level(tmp_path):
+    import io
+
+    import torch
+    from composer import Trainer
+
+    from composer_imp import IMP
+    from composer_imp.report.live import LevelTable
+    from helpers import digits_loader, mlp
+
+    stream = io.StringIO()
+    model = mlp()
+    table = LevelTable(stream=stream, progress_every_seconds=None, progress_every_steps=2)
+    imp = IMP(levels=2, rewind_to='2ba', folder=str(tmp_path / 'imp'))
+    trainer = Trainer(model=model, train_dataloader=digits_loader(), max_duration='8ba',
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.1), algorithms=[imp], callbacks=[table],
+                      progress_bar=False, seed=7, device='cpu')
+    trainer.fit()
+    trainer.close()
+    out = stream.getvalue()
+    assert '\r' not in out
+    progress = [line for line in out.splitlines() if line.startswith('[imp] ')]
+    by_level = {level: [line for line in progress if line.startswith(f'[imp] level {level}/2 ')] for level in range(3)}
+    assert all(by_level.values()), out
+    assert all('step ' in line and '/8 of the level' in line for line in by_level[0])  # level 0: batch of T
+    assert all('/6 of the level' in line for line in by_level[1] + by_level[2])  # pruned: batch - k of T - k
+    assert all('level ETA ' in line for line in progress)
+    assert 'density 100.00%' in by_level[0][0] and 'density 80.0' in by_level[1][0]
+    # The level table itself still prints, once per level.
+    lines = out.splitlines()
+    assert lines.count(console_header()) == 1
+    assert [line.split()[0] for line in lines if not line.startswith('[imp] ') and line != console_header()] == \
+        ['0', '1', '2']

@@ -32,19 +32,25 @@ def plant_in_cifar(root, marker, file='test_batch'):
     return path
 
 
+STOP = 'callbacks.stop_after_first_level={}'  # part of the recipe: a resume must repeat it (the resume check)
+
+
+@pytest.fixture
 def interrupted_run(tmp_path):
-    """The tiny recipe with autoresume, stopped (Ctrl-C) right after level 0: (recipe path, run folder)."""
+    """The tiny recipe with autoresume, stopped (Ctrl-C) right after level 0: (recipe path, run folder, latest
+    checkpoint). The stopping callback stays registered for the test's resumes; it fires only once."""
     recipe = write_recipe(tmp_path / 'tiny.yaml', run_name='resumable', autoresume=True, loggers={}, callbacks={})
     run = str(tmp_path / 'run')
     REGISTRIES['callbacks'].register('stop_after_first_level', StopAfterFirstLevel)
+    StopAfterFirstLevel.armed = True
     try:
-        code = cli.main(['run', recipe, f'save_folder={run}', 'callbacks.stop_after_first_level={}'])
+        code = cli.main(['run', recipe, f'save_folder={run}', STOP])
+        assert code == 130 and [r['level'] for r in levels(run)] == [0]
+        latest = os.path.join(run, 'checkpoints', 'latest-rank0.pt')
+        assert os.path.islink(latest)
+        yield recipe, run, latest
     finally:
         REGISTRIES['callbacks'].unregister('stop_after_first_level')
-    assert code == 130 and [r['level'] for r in levels(run)] == [0]
-    latest = os.path.join(run, 'checkpoints', 'latest-rank0.pt')
-    assert os.path.islink(latest)
-    return recipe, run, latest
 
 
 def one_line(err):
@@ -103,9 +109,9 @@ def test_convert_src_refuses_a_planted_payload_unrun(streaming_env, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
-def test_checkpoint_globals_are_exactly_what_a_real_checkpoint_needs(tmp_path):
+def test_checkpoint_globals_are_exactly_what_a_real_checkpoint_needs(interrupted_run):
     """Each listed global is needed: a real composer_imp checkpoint fails to load without any one of them."""
-    _, _, latest = interrupted_run(tmp_path)
+    _, _, latest = interrupted_run
     check_checkpoint(latest)
     for left_out in CHECKPOINT_GLOBALS:
         with torch.serialization.safe_globals([g for g in CHECKPOINT_GLOBALS if g is not left_out]):
@@ -113,13 +119,13 @@ def test_checkpoint_globals_are_exactly_what_a_real_checkpoint_needs(tmp_path):
                 torch.load(latest, map_location='cpu', weights_only=True)
 
 
-def test_autoresume_refuses_a_payload_added_to_the_latest_checkpoint_unrun(tmp_path, capsys):
-    recipe, run, latest = interrupted_run(tmp_path)
+def test_autoresume_refuses_a_payload_added_to_the_latest_checkpoint_unrun(interrupted_run, tmp_path, capsys):
+    recipe, run, latest = interrupted_run
     checkpoint = torch.load(latest, map_location='cpu', weights_only=False)  # our own file: trusted
     marker = tmp_path / 'MARKER'
     checkpoint['state']['callbacks']['Payload'] = Payload(marker)
     torch.save(checkpoint, latest)  # through the symlink, as an attacker with write access to the folder would
-    code, _, err = run_cli(['run', recipe, f'save_folder={run}'], capsys)  # the same command again
+    code, _, err = run_cli(['run', recipe, f'save_folder={run}', STOP], capsys)  # the same command again
     assert code == 2
     assert one_line(err) == (f'composer-imp: error: autoresume: the latest checkpoint {latest} is not a safe '
                              'composer_imp checkpoint: it holds os.system, which torch.load(weights_only=True) does '
@@ -144,12 +150,12 @@ def test_load_path_refuses_a_payload_checkpoint_unrun(tmp_path, capsys):
     assert not marker.exists()
 
 
-def test_a_legitimate_resume_and_load_path_pass_the_check(tmp_path, capsys):
-    recipe, run, latest = interrupted_run(tmp_path)
+def test_a_legitimate_resume_and_load_path_pass_the_check(interrupted_run, tmp_path, capsys):
+    recipe, run, latest = interrupted_run
     trainer = build_trainer(load_recipe(recipe, [f'save_folder={tmp_path}/other', 'run_name=other',
-                                                 'autoresume=false', f'load_path={latest}']))
+                                                 'autoresume=false', f'load_path={latest}', STOP]))
     assert int(trainer.state.timestamp.batch) > 0  # Composer loaded the checked checkpoint
     trainer.close()
-    code, _, err = run_cli(['run', recipe, f'save_folder={run}'], capsys)  # the same command again
+    code, _, err = run_cli(['run', recipe, f'save_folder={run}', STOP], capsys)  # the same command again
     assert code == 0, err
     assert [r['level'] for r in levels(run)] == [0, 1, 2]

@@ -32,7 +32,7 @@ from composer_imp.functional.projection import (
     search_fraction,
 )
 from composer_imp.functional.rewind import rewind, rewind_optimizer, snapshot, snapshot_optimizer
-from composer_imp.functional.ticket import load_ticket
+from composer_imp.functional.ticket import load_ticket, verify_level, verify_run
 
 __all__ = [
     'ClassificationScorer',
@@ -67,4 +67,6 @@ __all__ = [
     'search_fraction',
     'snapshot',
     'snapshot_optimizer',
+    'verify_level',
+    'verify_run',
 ]

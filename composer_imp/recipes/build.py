@@ -19,7 +19,7 @@ from typing import Any, Optional
 from composer_imp.recipes.registry import REGISTRIES
 from composer_imp.recipes.schema import SECTIONS, TOP_LEVEL_KEYS, RecipeError, load_recipe, signature_parameters
 
-__all__ = ['build_trainer', 'build_loader', 'build_model_from_recipe', 'child_recipe', 'resolve_run', 'run_folder',
+__all__ = ['build_trainer', 'repair_checkpoint_folder', 'build_loader', 'build_model_from_recipe', 'child_recipe', 'resolve_run', 'run_folder',
            'DEFAULT_SEED', 'DEFAULT_RUNS_DIR']
 
 DEFAULT_SEED = 17
@@ -281,6 +281,135 @@ def checkpoint_files_to_load(recipe: Mapping[str, Any], save_folder: Optional[st
     return files
 
 
+SET_ASIDE = 'set_aside'
+# Composer's default save_filename 'ep{epoch}-ba{batch}-rank{rank}.pt', with IMP's level prefix ('level<L>-' for a
+# pruned level, 'level<L>.<n>-' for the n-th redo of a level; level 0 has none).
+_CHECKPOINT_NAME = re.compile(r'^(?:level(?P<level>\d+)(?:\.(?P<attempt>\d+))?-)?'
+                              r'ep(?P<epoch>\d+)-ba(?P<batch>\d+)-rank(?P<rank>\d+)\.pt$')
+_TEMP_SUFFIXES = ('.tmp', '.part', '.partial', '.incomplete')
+
+
+def _checkpoint_order(name: str) -> Optional[tuple[int, int, int, int]]:
+    """The order of a checkpoint file by its name: (level, attempt, epoch, batch); ``None`` for other names. A pruned
+    level's counters replay from the rewind step, so the level and attempt come first."""
+    match = _CHECKPOINT_NAME.match(name)
+    if match is None:
+        return None
+    return (int(match['level'] or 0), int(match['attempt'] or 0), int(match['epoch']), int(match['batch']))
+
+
+def _unreadable(path: str) -> Optional[str]:
+    """Why ``torch.load(weights_only=True)`` cannot read the checkpoint at ``path`` (empty, truncated, not a
+    checkpoint), or ``None`` if it reads, or if it is refused only for the globals it holds: such a file is complete,
+    and :func:`check_checkpoints_to_load` refuses it rather than moving it."""
+    import torch
+
+    from composer_imp.safe_load import CHECKPOINT_GLOBALS
+
+    if os.path.getsize(path) == 0:
+        return 'it is empty'
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:  # noqa: BLE001 - classified below
+        from composer_imp.safe_load import _allowed_names
+
+        with contextlib.suppress(Exception):
+            if set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(_allowed_names()):
+                return None  # complete but unsafe: refused by check_checkpoints_to_load, not repaired
+        reason = ' '.join(str(error).split())[:200]
+        return f'torch.load(weights_only=True) cannot read it ({type(error).__name__}: {reason})'
+    return None
+
+
+def _set_aside(folder: str, name: str, why: str) -> None:
+    import warnings
+
+    aside = os.path.join(folder, SET_ASIDE)
+    os.makedirs(aside, exist_ok=True)
+    target, n = os.path.join(aside, name), 0
+    while os.path.lexists(target):
+        n += 1
+        target = os.path.join(aside, f'{name}.{n}')
+    os.replace(os.path.join(folder, name), target)
+    warnings.warn(f'checkpoints: moved {os.path.join(folder, name)} to {target}: {why}', stacklevel=3)
+
+
+def repair_checkpoint_folder(folder: str) -> list[tuple[str, str]]:
+    """Make a checkpoint folder that a killed run left behind resumable; returns ``(file name, reason)`` per file moved.
+
+    For every rank's ``latest-rank{r}.pt``: the checkpoint to resume is the one it points to if that file reads with
+    ``torch.load(weights_only=True)``; else (missing, dangling, or pointing to a partial file) the newest checkpoint
+    that reads, and the symlink is re-pointed to it. Files that cannot be the resume point are moved into
+    ``<folder>/set_aside/`` (never deleted), one warning line each: temporary files of a write in progress,
+    unreadable checkpoints (empty, truncated) met while looking for the resume point, and every checkpoint ordered
+    after the resume point (the ones Composer's ``ensure_folder_has_no_conflicting_files`` refuses with
+    ``FileExistsError``, and later levels' files a replay would meet again). Checkpoints are ordered by name, level
+    first, then attempt, then epoch and batch (:func:`_checkpoint_order`), not by mtime, which a copy of the folder
+    resets. Files before the resume point are not opened. Runs on rank 0 only; other ranks wait at a barrier.
+    """
+    from composer.utils import dist
+
+    moved: list[tuple[str, str]] = []
+    if dist.get_global_rank() == 0 and os.path.isdir(folder):
+        names = sorted(os.listdir(folder))
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.endswith(_TEMP_SUFFIXES) and os.path.isfile(path) and not os.path.islink(path):
+                _set_aside(folder, name, 'a temporary file of an unfinished write')
+                moved.append((name, 'temporary'))
+        by_rank: dict[int, list[tuple[tuple[int, int, int, int], str]]] = {}
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            order = _checkpoint_order(name)
+            if order is not None and os.path.isfile(path) and not os.path.islink(path):
+                by_rank.setdefault(int(_CHECKPOINT_NAME.match(name)['rank']), []).append((order, name))
+        for rank, files in sorted(by_rank.items()):
+            files.sort()
+            latest = os.path.join(folder, f'latest-rank{rank}.pt')
+            resume: Optional[str] = None
+            if os.path.islink(latest) and os.path.isfile(latest):
+                target = os.path.realpath(latest)
+                if os.path.dirname(target) == os.path.realpath(folder) and \
+                        _checkpoint_order(os.path.basename(target)) is not None:
+                    why = _unreadable(target)
+                    if why is None:
+                        resume = os.path.basename(target)
+                    else:
+                        _set_aside(folder, os.path.basename(target), f'{why}; latest-rank{rank}.pt pointed to it')
+                        moved.append((os.path.basename(target), 'unreadable'))
+                        files = [f for f in files if f[1] != os.path.basename(target)]
+                else:
+                    continue  # a latest file this repair does not understand: left to Composer
+            elif os.path.lexists(latest) and not os.path.islink(latest):
+                continue  # a regular file named latest-rank{r}.pt: not Composer's symlink, left alone
+            if resume is None:  # missing, dangling or unreadable latest: the newest checkpoint that reads
+                for _, name in reversed(files):
+                    why = _unreadable(os.path.join(folder, name))
+                    if why is None:
+                        resume = name
+                        break
+                    _set_aside(folder, name, why)
+                    moved.append((name, 'unreadable'))
+                if resume is None:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(latest)
+                os.symlink(resume, latest)  # relative, as Composer makes it
+                import warnings
+                warnings.warn(f'checkpoints: latest-rank{rank}.pt in {folder} now points to {resume}, the newest '
+                              'checkpoint that reads', stacklevel=2)
+            point = _checkpoint_order(resume)
+            for order, name in files:
+                if order > point and os.path.exists(os.path.join(folder, name)):
+                    _set_aside(folder, name, f'it is newer than {resume}, the checkpoint the run resumes from, and '
+                                             'would conflict with its future checkpoints')
+                    moved.append((name, 'newer'))
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    return moved
+
+
 def check_checkpoints_to_load(recipe: Mapping[str, Any], save_folder: Optional[str]) -> None:
     """Refuse (:class:`RecipeError`, one line naming the key, the file and the offending global) any checkpoint of
     :func:`checkpoint_files_to_load` that ``torch.load(weights_only=True)`` with
@@ -307,14 +436,23 @@ def build_trainer(recipe: Any, *, overrides: Sequence[str] = (), model: Any = No
     key) for anything the recipe gets wrong, before the Trainer exists whenever possible. A checkpoint it would load
     (autoresume's latest one, a local ``load_path``) is first checked with ``torch.load(weights_only=True)``
     (:func:`check_checkpoints_to_load`): one that holds anything but tensors and plain data is refused, unloaded.
+    With ``autoresume``, a checkpoint folder a killed run left behind is repaired first
+    (:func:`repair_checkpoint_folder`: partial and conflicting files set aside, ``latest`` re-pointed).
     """
     from composer import Trainer
     from composer.utils import reproducibility
+    from composer.utils.file_helpers import format_name_with_dist
 
     recipe = resolve_run(load_recipe(recipe, overrides))
     run = run_folder(recipe)
     own_saver = 'checkpoint_saver' in _section(recipe, 'callbacks')
     save = recipe.get('checkpoints', True) and not own_saver
+    if save and recipe.get('autoresume'):
+        from composer.utils import dist
+
+        if dist.get_world_size() > 1:
+            dist.initialize_dist(recipe.get('device'), float(recipe.get('dist_timeout', 300.0)))
+        repair_checkpoint_folder(format_name_with_dist(os.path.join(run, 'checkpoints'), recipe['run_name']))
     check_checkpoints_to_load(recipe, os.path.join(run, 'checkpoints') if save else None)
     seed = int(recipe['seed'])
     reproducibility.seed_all(seed)  # model init and anything else drawn before the Trainer seeds itself

@@ -17,7 +17,7 @@ import yaml
 
 from composer_imp.recipes.registry import REGISTRIES
 
-__all__ = ['RecipeError', 'load_recipe', 'apply_overrides', 'TOP_LEVEL_KEYS', 'LOADER_KEYS', 'SECTIONS']
+__all__ = ['RecipeError', 'load_recipe', 'read_recipe', 'apply_overrides', 'TOP_LEVEL_KEYS', 'LOADER_KEYS', 'SECTIONS']
 
 
 class RecipeError(ValueError):
@@ -31,7 +31,26 @@ class RecipeError(ValueError):
 
 class RecipeLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` (no Python objects) that also reads ``1e-3`` as a float, as YAML 1.2 does: PyYAML's
-    YAML 1.1 rules make it the string ``'1e-3'``, a classic learning-rate trap."""
+    YAML 1.1 rules make it the string ``'1e-3'``, a classic learning-rate trap. A key given twice in one mapping is
+    refused (PyYAML keeps the last one silently), naming the key and both lines; ``<<`` merge keys still override."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == 'tag:yaml.org,2002:merge':
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeConstructor refuses it below
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f'duplicate key {key!r} (first given at line {first + 1}); give each key once',
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 RecipeLoader.add_implicit_resolver(
@@ -63,17 +82,20 @@ def _check(path: str, ok: bool, value: Any, expected: str) -> None:
         raise RecipeError(path, f'expected {expected}, got {_describe(value)}')
 
 
-def _time(path: str, value: Any, units: str = "'ep', 'ba', 'sp', 'dur' or 'sec'") -> None:
-    """A Composer time string (``'160ep'``, ``'500ba'``) or an int (epochs)."""
-    if _is_int(value) and value >= 0:
+def _time(path: str, value: Any, units: str = "'ep', 'ba', 'sp', 'dur' or 'sec'", positive: bool = False) -> None:
+    """A Composer time string (``'160ep'``, ``'500ba'``) or an int (epochs), >= 0 (> 0 if ``positive``)."""
+    allowed = f"a Composer time string {'> 0 ' if positive else ''}such as '10ep' or '500ba' ({units})"
+    if _is_int(value) and (value >= 1 or (value == 0 and not positive)):
         return
-    _check(path, isinstance(value, str), value, f"a Composer time string such as '10ep' or '500ba' ({units})")
+    _check(path, isinstance(value, str), value, allowed + (', or an integer >= 1 (epochs)' if positive else ''))
     from composer.core import Time
 
     try:
-        Time.from_timestring(value)
-    except (ValueError, TypeError) as error:
+        time = Time.from_timestring(value)
+    except (ValueError, TypeError, RuntimeError) as error:
         raise RecipeError(path, f"{value!r} is not a Composer time string ({error}); use e.g. '10ep' or '500ba'")
+    if time.value < 0 or (positive and time.value == 0):
+        raise RecipeError(path, f"{value!r} is not allowed; use {allowed}")
 
 
 def _unknown(path: str, keys: Iterable[str], allowed: Iterable[str], what: str = 'key') -> None:
@@ -128,9 +150,7 @@ def _microbatch(path: str, value: Any) -> None:
 
 
 def _interval(path: str, value: Any) -> None:
-    if _is_int(value) and value >= 1:
-        return
-    _time(path, value)
+    _time(path, value, positive=True)
 
 
 TOP_LEVEL_KEYS: dict[str, tuple[Callable[[str, Any], None], str]] = {
@@ -143,7 +163,7 @@ TOP_LEVEL_KEYS: dict[str, tuple[Callable[[str, Any], None], str]] = {
     'algorithms': (lambda p, v: None, '{registry name: kwargs}'),
     'callbacks': (lambda p, v: None, '{registry name: kwargs}'),
     'loggers': (lambda p, v: None, '{registry name: kwargs}'),
-    'max_duration': (_time, "one IMP level's training T, e.g. '160ep' or '62400ba'"),
+    'max_duration': (lambda p, v: _time(p, v, positive=True), "one IMP level's training T, e.g. '160ep' or '62400ba'"),
     'seed': (_INT, 'random seed (model init, data order, augmentation)'),
     'run_name': (_opt(_STR), 'the run name (default: recipe file name + time)'),
     'save_folder': (_opt(_STR), 'the run folder (default runs/<run_name>)'),
@@ -280,8 +300,11 @@ def _read(path_or_dict: Union[str, os.PathLike, Mapping]) -> tuple[dict, Optiona
     except yaml.YAMLError as error:
         mark = getattr(error, 'problem_mark', None)
         where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
-        problem = getattr(error, 'problem', None) or error.__class__.__name__
+        problem = getattr(error, 'problem', None) or str(error) or error.__class__.__name__
         raise RecipeError('recipe', f'{path} is not valid YAML{where}: {problem}')
+    except UnicodeDecodeError as error:
+        raise RecipeError('recipe', f'{path} is not a text YAML file (byte {error.object[error.start]:#04x} at '
+                          f'offset {error.start} is not UTF-8); give the path of a recipe YAML file')
     except OSError as error:
         raise RecipeError('recipe', f'{path} cannot be read ({error.strerror})')
     if data is None:
@@ -299,10 +322,16 @@ def load_recipe(path_or_dict: Union[str, os.PathLike, Mapping], overrides: Itera
     key, a value of the wrong type, an unknown registry name or argument, or a file or folder the recipe names that
     does not exist. Validation imports the named classes but builds nothing and writes nothing.
     """
-    recipe, _ = _read(path_or_dict)
-    recipe = apply_overrides(recipe, list(overrides))
+    recipe = read_recipe(path_or_dict, overrides)
     validate(recipe)
     return recipe
+
+
+def read_recipe(path_or_dict: Union[str, os.PathLike, Mapping], overrides: Iterable[str] = ()) -> dict:
+    """The light half of :func:`load_recipe`: read the file (it exists, is UTF-8 text, parses as YAML without
+    duplicate keys, holds a mapping) and apply ``overrides``; imports neither Composer nor torch."""
+    recipe, _ = _read(path_or_dict)
+    return apply_overrides(recipe, list(overrides))
 
 
 def validate(recipe: dict) -> None:
@@ -320,6 +349,7 @@ def validate(recipe: dict) -> None:
     check_loader('train_loader', recipe['train_loader'])
     if recipe.get('eval_loader') is not None:
         check_loader('eval_loader', recipe['eval_loader'])
+    _check_num_classes(recipe)
     _check_named('optimizer', recipe['optimizer'], 'optimizers', skip_first=True)
     if recipe.get('scheduler') is not None:
         _check_named('scheduler', recipe['scheduler'], 'schedulers')
@@ -364,6 +394,22 @@ def _check_model(path: str, spec: Any) -> None:
         allowed = sorted({*MODELS, *REGISTRIES['models'].names()})
         raise RecipeError(f'{path}.name', f'{name!r} is unknown; allowed: {", ".join(allowed)}, or '
                           f'{TORCHVISION_PREFIX}<torchvision model name>')
+
+
+def _check_num_classes(recipe: dict) -> None:
+    """``model.num_classes`` must cover the labels of the data sets (else fit() fails on the first batch)."""
+    given = recipe['model'].get('num_classes')
+    if given is None:
+        return
+    from composer_imp.data import NUM_CLASSES
+
+    for key in ('train_loader', 'eval_loader'):
+        spec = recipe.get(key) or {}
+        name = spec.get('dataset', 'cifar10') if spec.get('name') == 'streaming' else spec.get('name')
+        classes = NUM_CLASSES.get(name)
+        if classes is not None and given < classes:
+            raise RecipeError('model.num_classes', f'{given} is fewer than the {classes} classes of {name} ({key}); '
+                              f'use {classes} or more, or leave it out (default: the data set\'s class count)')
 
 
 def check_loader(path: str, spec: Any) -> None:

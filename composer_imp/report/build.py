@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
+from composer_imp.functional.ticket import LEVELS_FILE, verify_run
 from composer_imp.report import plots
 from composer_imp.report.tables import (
     DEFAULT_MATCHING_TOLERANCE,
@@ -25,6 +26,7 @@ from composer_imp.report.tables import (
     layer_density_table,
     level_rows,
     markdown_level_table,
+    resolution_note,
     table_rows,
 )
 
@@ -35,7 +37,6 @@ REPORT_JSON = 'report.json'
 PLOTS_DIR = 'plots'
 RECIPE_FILE = 'recipe.yaml'
 RUN_INFO_FILE = 'run.json'
-LEVELS_FILE = 'levels.jsonl'  # as composer_imp.functional.ticket.LEVELS_FILE, without importing torch for a report
 DEFAULT_BARRIER_THRESHOLD = 0.02  # the LMC evaluator's default: 2 percentage points
 
 
@@ -57,24 +58,6 @@ def _read_json(path: str) -> Optional[Any]:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def read_levels(path: str) -> list[dict]:
-    """The records of ``levels.jsonl``; a torn last line (a run killed while writing) is skipped."""
-    records = []
-    try:
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue
-    except OSError:
-        return []
-    return records
 
 
 def imp_folder(run_dir: str, recipe: Optional[Mapping[str, Any]]) -> str:
@@ -105,14 +88,35 @@ def load_run(run_dir: str) -> dict[str, Any]:
         except (OSError, yaml.YAMLError):
             recipe = None
     folder = imp_folder(run_dir, recipe)
-    records = read_levels(os.path.join(folder, LEVELS_FILE))
+    # Checksummed lines and per-level manifests (composer_imp.functional.ticket); this import brings torch in.
+
+    checked = verify_run(folder)
+    records = checked['records']
     instability = []
     for path in sorted(glob.glob(os.path.join(folder, 'level_*', 'instability_seeds_*.json'))):
         result = _read_json(path)
         if isinstance(result, Mapping):
             instability.append({**result, 'file': os.path.relpath(path, run_dir)})
     return {'run_dir': run_dir, 'recipe': recipe or {}, 'info': _read_json(os.path.join(run_dir, RUN_INFO_FILE)) or {},
-            'imp_folder': folder, 'records': records, 'instability': instability}
+            'imp_folder': folder, 'records': records, 'instability': instability,
+            'artefacts': {k: checked[k] for k in ('problems', 'damaged_levels', 'missing_levels')}}
+
+
+# Test-split sizes of the named data sets (composer_imp.data), for the accuracy's confidence interval when the level
+# records do not carry their evaluation sample count (``eval_samples``).
+_EVAL_SET_SIZES = {'mnist-5k': 1000, 'cifar10': 10000, 'cifar100': 10000, 'imagenet': 50000}
+
+
+def _eval_samples(recipe: Mapping[str, Any]) -> Optional[int]:
+    """The number of test samples behind each level's accuracy, from the recipe's ``eval_loader`` when it names a
+    data set of known size without a setting that could shrink it; ``None`` when unknown."""
+    loader = recipe.get('eval_loader')
+    if not isinstance(loader, Mapping) or loader.get('name') not in _EVAL_SET_SIZES:
+        return None
+    if loader.get('split', 'test') != 'test' or any(word in str(key) for key in loader
+                                                     for word in ('subset', 'samples', 'limit', 'fraction')):
+        return None
+    return _EVAL_SET_SIZES[loader['name']]
 
 
 def _settings(recipe: Mapping[str, Any]) -> dict[str, Any]:
@@ -207,7 +211,7 @@ def build_report(run_dir: str) -> str:
     run = load_run(run_dir)
     recipe, records = run['recipe'], run['records']
     settings = _settings(recipe)
-    rows = level_rows(records, settings['tolerance'])
+    rows = level_rows(records, settings['tolerance'], _eval_samples(recipe))
     status, _ = _status(run, rows, settings)
     plot_dir = os.path.join(run_dir, PLOTS_DIR)
     for old in glob.glob(os.path.join(plot_dir, '*.png')):  # a rebuilt report shows only what the data supports now
@@ -247,7 +251,22 @@ def build_report(run_dir: str) -> str:
             lines.append(f'- **Wall time:** {_fmt_seconds(float(info["wall_seconds"]))} (from the recipe to the report).')
     lines.append(f'- **Files:** recipe `{RECIPE_FILE}`, IMP folder `{os.path.relpath(run["imp_folder"], run_dir)}/` '
                  f'(masks, trained weights, rewind point, `{LEVELS_FILE}`), plots `{PLOTS_DIR}/`.')
+    artefacts = run['artefacts']
+    if artefacts['problems']:
+        parts = [f'{len(artefacts["problems"])} problem{"s" if len(artefacts["problems"]) > 1 else ""}']
+        if artefacts['damaged_levels']:
+            parts.append(f'damaged level{"s" if len(artefacts["damaged_levels"]) > 1 else ""} '
+                         f'{", ".join(map(str, artefacts["damaged_levels"]))}')
+        if artefacts['missing_levels']:
+            parts.append(f'missing level folder{"s" if len(artefacts["missing_levels"]) > 1 else ""} '
+                         f'{", ".join(map(str, artefacts["missing_levels"]))}')
+        lines.append(f'- **Artefacts: DAMAGED** — {"; ".join(parts)} (see "Damaged or missing artefacts").')
     lines.append('')
+    if artefacts['problems']:
+        lines += ['## Damaged or missing artefacts', '']
+        lines += [f'- {problem}' for problem in artefacts['problems']]
+        lines += ['', 'A damaged line of `levels.jsonl` is left out of the tables below; a level whose files are '
+                  'damaged or missing is marked in the levels table.', '']
 
     lines += ['## Levels', '']
     if not rows:
@@ -255,7 +274,10 @@ def build_report(run_dir: str) -> str:
                   '_This run has no IMP levels._', '']
     else:
         key = accuracy_key(records)
-        lines += [markdown_level_table(rows), '']
+        bad = {level: 'damaged' for level in artefacts['damaged_levels']}
+        bad.update({level: 'missing' for level in artefacts['missing_levels']})
+        lines += [markdown_level_table([{**r, 'level': f'{r["level"]} ({bad[r["level"]]})'}
+                                        if r['accepted'] and r['level'] in bad else r for r in rows]), '']
         lines.append(f'Test accuracy is `{key}` of the eval data. **matching**: error at most the dense (level 0) '
                      f'error + ε = {100 * settings["tolerance"]:g} pp. **barrier**: largest rise of test error above '
                      f'the straight line between the endpoint errors along the linear path from level L−1 to level L '
@@ -263,6 +285,14 @@ def build_report(run_dir: str) -> str:
                      f'fraction of the parent level\'s remaining weights pruned to make this level. FLOPs count '
                      f'training at each level\'s density (6 per MAC and sample; MACs {_flops_method(records)}). '
                      f'Rejected attempts of the adaptive step are struck through.')
+        lines.append('')
+        sized = [r for r in rows if r.get('eval_samples') and r['accuracy'] is not None]
+        if sized:
+            reference = next((r for r in sized if r['level'] == 0), sized[0])
+            lines.append(resolution_note(reference['eval_samples'], reference['accuracy'], settings['tolerance']))
+        else:
+            lines.append('The number of evaluation samples is not recorded for this run\'s eval data, so the report '
+                         'cannot give a confidence interval for the test accuracy.')
         lines.append('')
         matching = [r for r in rows if r['accepted'] and r['level'] > 0 and r['matching']]
         if matching:
@@ -297,14 +327,17 @@ def build_report(run_dir: str) -> str:
         lines += ['## Per-layer density', '', layer_density_table(records), '']
 
     lines += ['## Plots', '']
+    any_rejected = any(not r['accepted'] for r in rows)
     captions = {
         'accuracy': 'Test accuracy vs density (log axis, sparser to the right). Grey band: dense accuracy − ε; filled '
-                    'circles are matching levels, hollow ones not, red crosses rejected attempts.',
+                    'circles are matching levels, hollow ones not' + (', red crosses rejected attempts.'
+                                                                     if any_rejected else '.'),
         'barrier': 'Error barrier between successive levels (green: the level is matching, red: not; dashed: the '
-                   'connected threshold; hatched: rejected attempts).',
+                   'connected threshold; a circle on the axis: a barrier of 0, no bar' +
+                   ('; hatched: rejected attempts).' if any_rejected else ').'),
         'paths': 'Test error along the linear path from each level L−1 (α = 0) to level L (α = 1).',
-        'fraction': 'Fraction of the remaining weights pruned per level, as chosen by the adaptive step (red: '
-                    'rejected attempts; dashed: the fixed step).',
+        'fraction': 'Fraction of the remaining weights pruned per level, as chosen by the adaptive step (' +
+                    ('red: rejected attempts; ' if any_rejected else '') + 'dashed: the fixed step).',
     }
     shown = False
     for key, caption in captions.items():
@@ -346,6 +379,7 @@ def build_report(run_dir: str) -> str:
         'status': status,
         'columns': LEVEL_COLUMNS,
         'levels': rows,
+        'artefacts': run['artefacts'],
         'totals': _totals(records) if records else None,
         'plots': {k: os.path.relpath(v, run_dir) for k, v in made.items() if v},
         'instability': [{k: v for k, v in r.items() if k not in ('alphas', 'values')}

@@ -28,13 +28,19 @@ _DPI = 110
 def _save(fig: Any, path: str) -> str:
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    fig.savefig(path, dpi=_DPI, bbox_inches='tight')  # 'tight' keeps a legend placed outside the axes
     plt.close(fig)
     return path
 
 
 def _percent_axis(axis: Any) -> None:
     axis.set_major_formatter(FuncFormatter(lambda v, _: f'{100 * v:g}%'))
+
+
+def _legend_outside(ax: Any, *args: Any, **kwargs: Any) -> Any:
+    """The legend to the right of the axes, where it cannot cover a curve or a bar."""
+    kwargs.setdefault('fontsize', 8)
+    return ax.legend(*args, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kwargs)
 
 
 def path_values(metric: str, values: Sequence[float]) -> tuple[list[float], str]:
@@ -60,6 +66,13 @@ def accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str, tolerance:
     accepted = [r for r in points if r['accepted']]
     ax.plot([r['density'] for r in accepted], [r['accuracy'] for r in accepted], '-', color='tab:blue', lw=1.5,
             zorder=2)
+    sized = [r for r in accepted if r.get('accuracy_ci') is not None]
+    if sized:  # the 95% interval of each accuracy (Wilson, from the number of eval samples)
+        ax.errorbar([r['density'] for r in sized], [r['accuracy'] for r in sized],
+                    yerr=[[r['accuracy'] - r['accuracy_ci'][0] for r in sized],
+                          [r['accuracy_ci'][1] - r['accuracy'] for r in sized]],
+                    fmt='none', ecolor='tab:blue', alpha=0.5, capsize=3, lw=1, zorder=2,
+                    label=f'95% interval (n = {sized[0]["eval_samples"]:,})')
     for matching, style, label in ((True, dict(mfc='tab:blue'), 'matching'),
                                    (False, dict(mfc='white'), 'not matching')):
         chosen = [r for r in accepted if r['level'] > 0 and bool(r['matching']) == matching]
@@ -84,7 +97,7 @@ def accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str, tolerance:
     ax.set_ylabel('test accuracy')
     ax.set_title(title or 'Test accuracy vs density')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -96,13 +109,14 @@ def barrier_per_level(rows: Sequence[Mapping[str, Any]], path: str, threshold: O
         return None
     metric = points[0].get('barrier_metric', 'error')
     scale, unit = (100, 'pp') if metric == 'error' else (1, metric)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 + 0.62 * len(points)), 4.0))  # room for each bar's two-line label
     labels = [f'L{r["level"]}\n{100 * r["density"]:.3g}%' + ('\n(rej.)' if not r['accepted'] else '')
               for r in points]
     x = list(range(len(points)))
     colors = ['tab:green' if r['matching'] else 'tab:red' if r['matching'] is not None else 'tab:gray'
               for r in points]
-    bars = ax.bar(x, [scale * r['barrier'] for r in points], color=colors, edgecolor='black', lw=0.5)
+    heights = [scale * r['barrier'] for r in points]
+    bars = ax.bar(x, heights, color=colors, edgecolor='black', lw=0.5)
     for bar, row in zip(bars, points):
         if not row['accepted']:
             bar.set_hatch('//')
@@ -110,9 +124,22 @@ def barrier_per_level(rows: Sequence[Mapping[str, Any]], path: str, threshold: O
     if threshold is not None:
         ax.axhline(scale * threshold, color='black', ls='--', lw=1,
                    label=f'connected threshold {scale * threshold:g} {unit}')
-    handles = [plt.Rectangle((0, 0), 1, 1, color='tab:green'), plt.Rectangle((0, 0), 1, 1, color='tab:red')]
-    extra, names = ax.get_legend_handles_labels()
-    ax.legend(handles + extra, ['matching', 'not matching'] + names, fontsize=8)
+    # A zero (or nearly zero) barrier is a bar of no height, which would hide its colour: mark it on the axis.
+    top = max([abs(h) for h in heights] + ([scale * threshold] if threshold is not None else []) + [1e-12])
+    flat = [i for i, h in enumerate(heights) if abs(h) < 0.02 * top]
+    if flat:
+        ax.scatter([x[i] for i in flat], [0.0] * len(flat), s=60, marker='o', c=[colors[i] for i in flat],
+                   edgecolors='black', linewidths=0.8, zorder=4, clip_on=False)
+        ax.set_ylim(bottom=min(ax.get_ylim()[0], -0.04 * top))
+    shown = [(c, n) for c, n in (('tab:green', 'matching'), ('tab:red', 'not matching'),
+                                 ('tab:gray', 'matching unknown')) if c in colors]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c, _ in shown]
+    names = [n for _, n in shown]
+    if flat:
+        handles.append(plt.Line2D([], [], ls='', marker='o', mfc='white', mec='black'))
+        names.append(f'barrier ≈ 0 {unit} (no bar)')
+    extra, extra_names = ax.get_legend_handles_labels()
+    _legend_outside(ax, handles + extra, names + extra_names)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel(f'{metric} barrier, level L−1 → L ({unit})')
@@ -143,7 +170,7 @@ def interpolation_paths(records: Sequence[Mapping[str, Any]], path: str) -> Opti
     ax.set_ylabel(ylabel)
     ax.set_title('Along the linear path between successive levels')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(curves) > 8 else 1)
+    _legend_outside(ax, fontsize=7, ncol=2 if len(curves) > 12 else 1)
     return _save(fig, path)
 
 
@@ -165,10 +192,11 @@ def adaptive_fractions(rows: Sequence[Mapping[str, Any]], path: str, p_min: Opti
     ax.set_xticklabels([f'L{r["level"]}' + ('\nrej.' if not r['accepted'] else '') for r in points], fontsize=7)
     _percent_axis(ax.yaxis)
     ax.set_ylabel('pruned (fraction of remaining weights)')
-    ax.set_title('Adaptive step: chosen fraction per level (red: rejected)')
+    rejected = any(not r['accepted'] for r in points)
+    ax.set_title('Adaptive step: chosen fraction per level' + (' (red: rejected)' if rejected else ''))
     ax.grid(alpha=0.3, axis='y')
     if p_min is not None:
-        ax.legend(fontsize=8)
+        _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -179,10 +207,26 @@ def instability_curve(result: Mapping[str, Any], path: str) -> Optional[str]:
         return None
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     ys, ylabel = path_values(result['metric'], result['values'][result['metric']])
-    ax.plot(result['alphas'], ys, '-o', ms=3)
+    alphas = list(result['alphas'])
+    ax.plot(alphas, ys, '-o', ms=3, label='along the path')
+    # The verdict (stable or not) uses the max-minus-mean barrier, the convention for exchangeable endpoints (two
+    # SGD-noise copies; Frankle et al. 2020); the linear barrier (above the chord) is quoted beside it.
+    ax.plot([alphas[0], alphas[-1]], [ys[0], ys[-1]], ':', color='tab:gray', lw=1, label='chord (linear barrier)')
+    ax.axhline((ys[0] + ys[-1]) / 2, color='tab:orange', ls='--', lw=1, label='mean of the endpoints (max − mean)')
     seeds = result.get('seeds', ['?', '?'])
     ax.set_xlabel(f'α (0: child seed {seeds[0]}, 1: child seed {seeds[1]})')
     ax.set_ylabel(ylabel)
-    ax.set_title(f'Instability, level {result.get("level")}: barrier {100 * result["barrier_max_minus_mean"]:.2f} pp')
+    unit = 'pp' if result['metric'] == 'error' else result['metric']
+    scale = 100 if result['metric'] == 'error' else 1
+
+    def fmt(value: Any) -> str:
+        return 'undefined' if value is None or value != value else f'{scale * value:.2f} {unit}'
+
+    stable = result.get('stable')
+    verdict = '' if stable is None else (', stable' if stable else ', not stable')
+    ax.set_title(f'Instability, level {result.get("level")}: barrier (max − mean) '
+                 f'{fmt(result.get("barrier_max_minus_mean"))}{verdict}\nlinear barrier (above the chord) '
+                 f'{fmt(result.get("barrier_linear"))}', fontsize=9)
     ax.grid(alpha=0.3)
+    _legend_outside(ax, fontsize=7)
     return _save(fig, path)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from composer_imp.functional.barrier import is_matching
 
-__all__ = ['DEFAULT_MATCHING_TOLERANCE', 'accuracy_key', 'level_rows', 'markdown_level_table', 'console_header',
+__all__ = ['DEFAULT_MATCHING_TOLERANCE', 'accuracy_key', 'level_rows', 'wilson_interval', 'resolution_note', 'markdown_level_table', 'console_header',
            'console_row', 'layer_density_table', 'is_adaptive', 'LEVEL_COLUMNS']
 
 # The LMC evaluator's default: within 0.2 percentage points of the dense error (Frankle et al. 2020).
@@ -50,10 +50,38 @@ def _finite(value: Any) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-def level_rows(records: Sequence[Mapping[str, Any]], matching_tolerance: Optional[float] = None) -> list[dict]:
-    """One dict per record: level, density, accuracy, delta to dense, matching, barrier, connected, fraction, steps,
-    seconds, flops, accepted, status. ``matching`` is the LMC evaluator's ``imp/matching`` when recorded, else
-    accuracy >= dense accuracy - ``matching_tolerance`` (default 0.002)."""
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% for z = 1.96) of a proportion ``p`` measured on ``n`` samples."""
+    if n <= 0:
+        raise ValueError(f'wilson_interval: n must be positive, got {n}')
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def resolution_note(n: int, accuracy: float, tolerance: Optional[float] = None) -> str:
+    """What an evaluation set of ``n`` samples can resolve at ``accuracy``: the step, the standard error, the 95%
+    half-width of one accuracy and the smallest difference between two levels it resolves (unpaired, 95%)."""
+    se = math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n)
+    diff = 1.96 * math.sqrt(2) * se
+    text = (f'Test accuracy is measured on n = {n:,} samples: it moves in steps of {100 / n:.2g} pp, one level\'s '
+            f'accuracy has a standard error of ±{100 * se:.1f} pp at an accuracy of {100 * accuracy:.3g}% (95% interval ±{196 * se:.1f}'
+            f' pp, shown in brackets), and two levels differing by less than about {100 * diff:.1f} pp are not '
+            f'resolved by this evaluation set (unpaired 95%; the shared test samples make the paired limit '
+            f'somewhat smaller).')
+    if tolerance is not None and tolerance < diff:
+        text += (f' The matching tolerance ε = {100 * tolerance:g} pp is below that: a matching verdict near the '
+                 f'edge of the band is within the noise.')
+    return text
+
+
+def level_rows(records: Sequence[Mapping[str, Any]], matching_tolerance: Optional[float] = None,
+               eval_samples: Optional[int] = None) -> list[dict]:
+    """One dict per record: level, density, accuracy, its 95% Wilson interval (``accuracy_ci``, when the number of
+    eval samples is known: the record's ``eval_samples``, else ``eval_samples``), delta to dense, matching, barrier,
+    connected, fraction, steps, seconds, flops, accepted, status. ``matching`` is the LMC evaluator's ``imp/matching``
+    when recorded, else accuracy >= dense accuracy - ``matching_tolerance`` (default 0.002)."""
     tolerance = DEFAULT_MATCHING_TOLERANCE if matching_tolerance is None else matching_tolerance
     key = accuracy_key(records)
     dense = next((r for r in records if r.get('level') == 0), None)
@@ -80,10 +108,14 @@ def level_rows(records: Sequence[Mapping[str, Any]], matching_tolerance: Optiona
             status = 'accepted'
         if record.get('stopped_early'):
             status += ', stopped early'
+        n = record.get('eval_samples', eval_samples)
+        n = int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 else None
         rows.append({
             'level': level,
             'density': _finite(record.get('density')),
             'accuracy': acc,
+            'eval_samples': n,
+            'accuracy_ci': None if acc is None or n is None or not 0 <= acc <= 1 else wilson_interval(acc, n),
             'delta': None if acc is None or dense_acc is None or level == 0 else acc - dense_acc,
             'matching': None if level == 0 else matching,
             'barrier': _finite(record.get('lmc/barrier')),
@@ -114,7 +146,7 @@ def _yes(value: Any) -> str:
     return '—' if value is None else ('yes' if value else 'no')
 
 
-def _cells(row: Mapping[str, Any]) -> list[str]:
+def _cells(row: Mapping[str, Any], with_ci: bool = False) -> list[str]:
     undefined = row.get('barrier_undefined', False)
     if undefined:
         barrier = 'undefined'
@@ -127,10 +159,14 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
     fraction = '—' if row['fraction'] is None else f'{100 * row["fraction"]:.1f}%'
     if row['fraction'] is not None and row.get('reason'):
         fraction += f' ({row["reason"]})'
+    accuracy = _pct(row['accuracy'])
+    if with_ci and row.get('accuracy_ci') is not None:
+        low, high = row['accuracy_ci']
+        accuracy += f' [{100 * low:.1f}, {100 * high:.1f}]'
     return [
         str(row['level']),
         _pct(row['density']),
-        _pct(row['accuracy']),
+        accuracy,
         _pp(row['delta']),
         'undefined' if row.get('matching_undefined') else _yes(row['matching']),
         barrier,
@@ -144,9 +180,14 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
 
 
 def markdown_level_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = ['| ' + ' | '.join(LEVEL_COLUMNS) + ' |', '|' + '---|' * len(LEVEL_COLUMNS)]
+    """The level table in Markdown; the test accuracy carries its 95% interval ``[low, high]`` (percent) when the
+    rows know the number of eval samples."""
+    columns = list(LEVEL_COLUMNS)
+    if any(row.get('accuracy_ci') is not None for row in rows):
+        columns[columns.index('test acc')] = 'test acc [95% CI]'
+    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
     for row in rows:
-        cells = _cells(row)
+        cells = _cells(row, with_ci=True)
         if not row['accepted']:
             cells = [f'~~{c}~~' if c not in ('—', '') and i < len(cells) - 1 else c for i, c in enumerate(cells)]
         lines.append('| ' + ' | '.join(cells) + ' |')

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -51,7 +50,14 @@ from composer_imp.functional import (
 )
 from composer_imp.functional.flops import TRAIN_FLOPS_PER_MAC, layer_macs, sparse_macs
 from composer_imp.functional.masks import SCOPES
-from composer_imp.functional.ticket import LEVELS_FILE, level_dir, save_level, save_rewind_point
+from composer_imp.functional.ticket import (
+    LEVELS_FILE,
+    level_dir,
+    save_level,
+    save_rewind_point,
+    write_levels,
+    write_manifest,
+)
 
 __all__ = ['IMP']
 
@@ -107,21 +113,31 @@ class IMP(Algorithm):
                              'density in (0, 1) at which to stop)')
         if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int) or levels < 0):
             raise ValueError(f'levels: {levels!r} is not allowed; use an integer >= 0')
-        if target_density is not None and not 0.0 < target_density < 1.0:
-            raise ValueError(f'target_density: {target_density} is not allowed; use a density in (0, 1)')
-        if not 0.0 < prune_fraction < 1.0:
-            raise ValueError(f'prune_fraction: {prune_fraction} is not allowed; use a fraction in (0, 1)')
+        if target_density is not None and (isinstance(target_density, bool) or
+                                           not isinstance(target_density, (int, float)) or
+                                           not 0.0 < target_density < 1.0):
+            raise ValueError(f'target_density: {target_density!r} is not allowed; use a density (a number) in (0, 1)')
+        if (isinstance(prune_fraction, bool) or not isinstance(prune_fraction, (int, float)) or
+                not 0.0 < prune_fraction < 1.0):
+            raise ValueError(f'prune_fraction: {prune_fraction!r} is not allowed; use a fraction (a number) in (0, 1)')
         if scope not in SCOPES:
             raise ValueError(f'scope: {scope!r} is not allowed; use one of {SCOPES}')
+        if not isinstance(rewind_to, (str, Time)):
+            raise ValueError(f"rewind_to: {rewind_to!r} has no unit; give a Composer time string such as "
+                             f"'{rewind_to}ba' or '{rewind_to}ep' (or '0.05dur')")
         try:
             rewind_time = Time.from_timestring(rewind_to) if isinstance(rewind_to, str) else Time.from_input(rewind_to)
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, RuntimeError) as error:
             raise ValueError(f"rewind_to: {rewind_to!r} is not a Composer time string (e.g. '500ba', '2ep', '0.05dur')"
                              ) from error
         if rewind_time.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH, TimeUnit.DURATION) or rewind_time.value < 0:
             raise ValueError(f"rewind_to: {rewind_to!r} is not allowed; use a time >= 0 in 'ba', 'ep' or 'dur'")
         if isinstance(ignore, str):
             ignore = [ignore]
+        ignore = list(ignore) if isinstance(ignore, Iterable) else ignore
+        if not isinstance(ignore, list) or not all(isinstance(name, str) for name in ignore):
+            raise ValueError(f'ignore: {ignore!r} is not allowed; use a list of parameter or module names (strings, '
+                             'fnmatch patterns), or one such string')
         self.levels = levels
         self.target_density = target_density
         self.prune_fraction = prune_fraction
@@ -689,11 +705,14 @@ class IMP(Algorithm):
             return
         os.makedirs(self._resolved_folder, exist_ok=True)
         files = [os.path.join(self._resolved_folder, LEVELS_FILE)]
-        if accepted:
-            path = save_level(self._resolved_folder, record['level'], self._masks, model.state_dict())
+        if accepted:  # every file atomically; the level's manifest last, after levels.jsonl holds its line
+            path = save_level(self._resolved_folder, record['level'], self._masks, model.state_dict(), manifest=False)
             files += [os.path.join(path, 'mask.pt'), os.path.join(path, 'trained.pt')]
-        with open(files[0], 'w') as f:  # rewritten from the checkpointed history, so a resumed run never duplicates
-            f.writelines(json.dumps(r, default=float) + '\n' for r in self._history)
+        # Rewritten whole from the checkpointed history, so a resumed run never duplicates a line.
+        write_levels(self._resolved_folder, self._history)
+        if accepted:
+            files.append(write_manifest(self._resolved_folder, record['level'], density(self._masks), record,
+                                        len(self._history) - 1))
         root = os.path.dirname(os.path.normpath(self._resolved_folder))
         for file_path in files:
             logger.upload_file(remote_file_name=os.path.relpath(file_path, root), file_path=file_path, overwrite=True)
