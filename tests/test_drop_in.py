@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from composer_imp import IMP
+from composer_imp.functional.flops import first_tensor
 from helpers import digits_loader, digits_tensors
 
 T_EPOCHS, BATCHES_PER_EPOCH, LEVELS = 3, 4, 2
@@ -39,14 +40,6 @@ def replay_cnn(seed: int = 0, dropout: bool = False) -> ComposerClassifier:
         layers.append(nn.Dropout(0.2))
     layers.append(nn.Linear(32, 10))
     return ComposerClassifier(nn.Sequential(*layers), num_classes=10)
-
-
-def first_tensor(batch):
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, dict):
-        return next(v for v in batch.values() if isinstance(v, torch.Tensor))
-    return first_tensor(batch[0])
 
 
 def digest(tensor: torch.Tensor) -> str:

@@ -180,6 +180,7 @@ class IMP(Algorithm):
         self._checkpoint_names: dict[int, tuple] = {}
         self._loader_replay: Optional[DataloaderReplay] = None
         self._pending_transition = False
+        self._schedule_time: Optional[Time] = None
         self._pass_len: Optional[Time] = None
 
     # ------------------------------------------------------------------ public, read-only
@@ -354,6 +355,7 @@ class IMP(Algorithm):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._plan = state['plan']
+        self._schedule_time = None
         self._level = state['level']
         self._attempt = state['attempt']
         self._offsets = dict(state['offsets'])
@@ -413,6 +415,13 @@ class IMP(Algorithm):
         prefix_checkpoint_names(state, self._checkpoint_names, self._checkpoint_prefix())
         self._masked_params = None
 
+    @property
+    def _schedule(self) -> Time:
+        """T, the user's one-level ``max_duration``, parsed once (it is read at every checkpoint event)."""
+        if self._schedule_time is None:
+            self._schedule_time = Time.from_timestring(self._plan['schedule_duration'])
+        return self._schedule_time
+
     def _checkpoint_prefix(self) -> str:
         if self._level == 0:
             return ''
@@ -423,14 +432,14 @@ class IMP(Algorithm):
         at BATCH_CHECKPOINT) holds the level before IMP's transition at EPOCH_CHECKPOINT. Resumed from it, the run is at
         T, which ``fit()`` would call finished: one more batch of budget lets the loop reach that epoch's end, where
         the transition runs and puts ``max_duration`` back to T."""
-        schedule = Time.from_timestring(self._plan['schedule_duration']) if self._plan else None
+        schedule = self._schedule if self._plan else None
         self._pending_transition = (schedule is not None and not self._done and
                                     int(state.timestamp.batch) >= self._plan['schedule_batches'])
         if self._pending_transition and schedule.unit == TimeUnit.BATCH:
             state.max_duration = Time(self._plan['schedule_batches'] + 1, TimeUnit.BATCH)
 
     def _check_fit_duration(self, state: State) -> None:
-        schedule = Time.from_timestring(self._plan['schedule_duration'])
+        schedule = self._schedule
         if not self._pending_transition and Time.from_input(state.max_duration) != schedule:
             raise ValueError(f'fit(duration=...): IMP runs every level inside one fit() with max_duration = one level '
                              f"({schedule}); the run's max_duration is now {state.max_duration}. Call fit() without "
@@ -571,7 +580,7 @@ class IMP(Algorithm):
 
     # ------------------------------------------------------------------ level transitions
     def _level_over(self, state: State) -> bool:
-        schedule = Time.from_timestring(self._plan['schedule_duration'])
+        schedule = self._schedule
         now_limit = Time.from_input(state.max_duration)
         stopped = (now_limit.value, now_limit.unit) != (schedule.value, schedule.unit)
         if stopped and self._rewind_point is None:
@@ -620,7 +629,7 @@ class IMP(Algorithm):
             if self._finished():
                 self._done = True
                 if self._pending_transition:  # the resumed run's extra batch of budget must not be trained
-                    state.max_duration = Time.from_timestring(self._plan['schedule_duration'])
+                    state.max_duration = self._schedule
                 return
             next_level, attempt = self._level + 1, 0
         else:
@@ -676,7 +685,7 @@ class IMP(Algorithm):
         state.timestamp = state.timestamp.copy(**run['timestamp'])
         previous = run['previous_timestamp']
         state.previous_timestamp = None if previous is None else state.timestamp.copy(**previous)
-        state.max_duration = Time.from_timestring(self._plan['schedule_duration'])
+        state.max_duration = self._schedule
         if mid_epoch and self._loader_replay is not None:
             self._loader_replay.restart(int(state.timestamp.epoch), int(state.timestamp.batch_in_epoch),
                                         composer_skips='train' not in state.dataset_resumption)

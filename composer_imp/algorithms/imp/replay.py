@@ -214,10 +214,12 @@ class ComponentSnapshot:
             raise _refusal(culprit, error) from error
         return cls(buffer.getvalue(), pickler.tensors)
 
-    def load(self, state: State, components: list[Any]) -> dict[str, dict[str, Any]]:
+    def load(self, state: State, components: list[Any],
+             live: Optional[dict[tuple, Any]] = None) -> dict[str, dict[str, Any]]:
         """The components' instance states by component key, bound to the live run's objects."""
         modules = {type(c).__module__ for c in components}
-        return _Unpickler(io.BytesIO(self.data), _live_objects(state), self.tensors, modules, state.device).load()
+        live = _live_objects(state) if live is None else live
+        return _Unpickler(io.BytesIO(self.data), live, self.tensors, modules, state.device).load()
 
     def check_loadable(self, state: State, components: list[Any]) -> None:
         """Raise the construction-time refusal when a component's captured state could not be restored."""
@@ -228,8 +230,9 @@ class ComponentSnapshot:
             raise _refusal(culprit, error) from error
 
     def restore(self, state: State, components: list[Any], masks: dict[str, torch.Tensor]) -> None:
-        states = self.load(state, components)
-        live = {id(obj) for obj in _live_objects(state).values()}
+        live_objects = _live_objects(state)
+        states = self.load(state, components, live_objects)
+        live = {id(obj) for obj in live_objects.values()}
         keyed = _keyed(components)
         for key in sorted(set(states) ^ set(keyed)):
             warnings.warn(f'IMP: {key.split("#")[0]} ' + ('was not in the run at the rewind step; it is not rewound'
