@@ -17,7 +17,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q
 
 demo: $(STAMP)
-	$(VENV)/bin/composer-imp run recipes/quickstart.yaml
+	$(VENV)/bin/composer-imp run recipes/mnist_resnet20_lmc.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

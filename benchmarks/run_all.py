@@ -1,6 +1,7 @@
 """`make bench`: every benchmark, each a side-by-side comparison in one process, printed as ratios.
 
-Usage: python benchmarks/run_all.py [name ...]   (names: prune_speed imp_overhead lmc_barrier time_to_ticket)
+Usage: python benchmarks/run_all.py [name ...]   (names: prune_speed imp_overhead lmc_barrier time_to_ticket
+                                             structured_ticket memory)
 Results also go to benchmarks/results.json (machine, torch version and date included); copy the figures into
 benchmarks/README.md by hand.
 """
@@ -15,7 +16,7 @@ import sys
 
 import torch
 
-BENCHMARKS = ('prune_speed', 'imp_overhead', 'lmc_barrier', 'time_to_ticket')
+BENCHMARKS = ('prune_speed', 'imp_overhead', 'lmc_barrier', 'time_to_ticket', 'structured_ticket', 'memory')
 
 
 def main(names: list[str]) -> None:

@@ -16,7 +16,11 @@ _PUBLIC = {
     'AdaptiveSparsityStep': 'composer_imp.algorithms.adaptive_sparsity',
     'LMCEvaluator': 'composer_imp.callbacks.lmc_evaluator',
     'instability_analysis': 'composer_imp.instability',
+    'run_branch': 'composer_imp.branches',
     'load_ticket': 'composer_imp.functional.ticket',
+    'export_ticket': 'composer_imp.export',
+    'save_exported': 'composer_imp.export',
+    'load_exported': 'composer_imp.export',
 }
 __all__ = list(_PUBLIC)
 

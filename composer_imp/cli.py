@@ -3,6 +3,8 @@
     composer-imp run RECIPE.yaml [key.path=value ...] [~key.path ...]
     composer-imp report RUN_DIR
     composer-imp instability RUN_DIR --level L [--seeds 1 2] [--alphas 30]
+    composer-imp branch RUN_DIR --level L --kind {random_prune,reinit,shuffle,rewind,perturb} [--seeds 1 2 ...]
+        [--rewind-to 0ba] [--alphas 30]
     composer-imp convert {mnist-5k,cifar10,cifar100} [--src DIR] --out MDS_DIR [--limit N] [--overwrite]
 
 Multi-GPU and multi-node runs go through Composer's launcher, which starts one process per device::
@@ -48,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description='Lottery-ticket pruning (IMP with rewinding, LMC barriers, adaptive '
                      'sparsity step) on Composer, from YAML recipes.')
-    sub = parser.add_subparsers(dest='command', metavar='{run,report,instability,convert}', parser_class=_Parser)
+    sub = parser.add_subparsers(dest='command', metavar='{run,report,instability,branch,export,convert}', parser_class=_Parser)
     sub.required = True
 
     run = sub.add_parser('run', help='train a recipe: all IMP levels, then the report',
@@ -70,6 +72,31 @@ def _parser() -> argparse.ArgumentParser:
     inst.add_argument('--seeds', type=int, nargs=2, default=[1, 2], metavar=('A', 'B'),
                       help='the two children\'s seeds (default 1 2)')
     inst.add_argument('--alphas', type=int, default=30, help='interpolation points (default 30, Frankle et al.)')
+
+    branch = sub.add_parser('branch', help="train a control branch of a saved level's ticket (open_lth's branches)",
+                            description="Train a control of --level's ticket k -> T like the level (random_prune: a "
+                            "random mask with the ticket's per-layer counts; shuffle: each layer's mask permuted; "
+                            "reinit: the mask on a fresh initialisation; rewind: the mask on the weights of step "
+                            "--rewind-to; perturb: the rewind point plus a random perturbation on the mask, of the "
+                            "norm of the weights level L+1 prunes, and the barrier to the unperturbed copy), one per "
+                            'seed; write imp/level_<L>/branch_<kind>_seed<S>.json (rewind: '
+                            'branch_rewind_<k>ba_seed<S>.json) and add it to the report.')
+    branch.add_argument('run_dir', help='the run folder of a finished or interrupted composer-imp run')
+    branch.add_argument('--level', type=int, required=True, help='the IMP level whose ticket is branched')
+    branch.add_argument('--kind', required=True, choices=['random_prune', 'reinit', 'shuffle', 'rewind', 'perturb'])
+    branch.add_argument('--seeds', type=int, nargs='+', default=[1], metavar='S',
+                        help='one branch per seed: its Trainer seed and its random draw (default 1)')
+    branch.add_argument('--rewind-to', help="--kind rewind: the other rewind step k' in batches, e.g. 0ba")
+    branch.add_argument('--alphas', type=int, default=30, help='--kind perturb: interpolation points (default 30)')
+
+    export = sub.add_parser('export', help="remove a saved level's pruned channel groups: a smaller network on disk",
+                            description="Export --level's trained network under its masks with its fully pruned "
+                            'channel groups removed (torch-pruning), checked equal to the masked network on an eval '
+                            'batch; write exported.pt (a state dict) and exported.json (the module description to '
+                            'rebuild it with composer_imp.export.load_exported) and print what it saves.')
+    export.add_argument('run_dir', help='the run folder of a finished or interrupted composer-imp run')
+    export.add_argument('--level', type=int, required=True, help='the IMP level whose trained network is exported')
+    export.add_argument('--out', help='output folder (default RUN_DIR/export/level_<L>)')
 
     conv = sub.add_parser('convert', help='write a data set as mosaicml-streaming MDS shards',
                           description='Write <out>/train and <out>/test MDS shards (columns image: ndarray:uint8, '
@@ -346,8 +373,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.time()
     tolerance = _lmc_settings(recipe).get('matching_tolerance')
     table = [] if 'level_table' in (recipe.get('callbacks') or {}) else [LevelTable(matching_tolerance=tolerance)]
-    with _nothing_written_on_error(run):
-        trainer = build_trainer(recipe, callbacks=table)
+    try:
+        with _signals_interrupt(), _nothing_written_on_error(run):
+            trainer = build_trainer(recipe, callbacks=table)
+    except _Signalled as error:  # Ctrl-C while data and model load: nothing has been trained or written
+        _say(f'Interrupted ({signal.Signals(error.signum).name}) while building the trainer: nothing was trained or '
+             'written.')
+        return 128 + error.signum
     info = {'status': 'running', 'run_name': recipe['run_name'],
             'command': ' '.join([PROG, 'run', args.recipe, *args.overrides]),
             'recipe_source': os.path.abspath(args.recipe), 'started': datetime.datetime.now().isoformat(),
@@ -438,41 +470,64 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_instability(args: argparse.Namespace) -> int:
-    from composer_imp.report.build import RECIPE_FILE, imp_folder
+def _level_ticket(run: str, level: int, label: str, *, check: Any = None) -> tuple[dict, str, dict, Any, Any, Any]:
+    """What analysing a saved level of the run in ``run`` needs: (recipe, the level's folder, its ticket, a model of
+    the run (built with the run's seed), ``make_trainer(model, seed)`` for a child of the run without IMP,
+    ``build_model(seed)``). ``check()`` runs after the recipe is found, before anything is loaded."""
+    from composer_imp.report.build import RECIPE_FILE
 
-    run = args.run_dir
     recipe_path = os.path.join(run, RECIPE_FILE)
     if not os.path.isfile(recipe_path):
         raise CLIError(f'run_dir: {run} has no {RECIPE_FILE}; give the run folder of a composer-imp run')
-    if args.seeds[0] == args.seeds[1]:
-        raise CLIError(f'--seeds: {args.seeds} must be two different seeds')
-    if args.alphas < 2:
-        raise CLIError(f'--alphas: {args.alphas} must be at least 2 (both endpoints)')
+    if check is not None:
+        check()
     from composer_imp.recipes import build_model_from_recipe, build_trainer, child_recipe, load_recipe
 
     recipe = load_recipe(recipe_path)
+    level_dir = _saved_level(run, recipe, level)
+    from composer.utils import reproducibility
+
+    from composer_imp.functional.ticket import load_ticket
+
+    ticket = load_ticket(level_dir)
+
+    def build_model(seed: int) -> Any:
+        reproducibility.seed_all(int(seed))
+        return build_model_from_recipe(recipe)
+
+    name = recipe.get('run_name', 'run')
+
+    def make_trainer(child_model: Any, seed: int) -> Any:
+        return build_trainer(child_recipe(recipe, seed, f'{name}-{label}-L{level}-seed{seed}'), model=child_model)
+
+    return recipe, level_dir, ticket, build_model(int(recipe.get('seed', 17))), make_trainer, build_model
+
+
+def _saved_level(run: str, recipe: dict, level: int) -> str:
+    """The folder of ``level``'s ticket (mask and rewind point saved); a CLIError lists the levels that have one."""
+    from composer_imp.report.build import imp_folder
+
     folder = imp_folder(run, recipe)
-    level_dir = os.path.join(folder, f'level_{args.level}')
+    level_dir = os.path.join(folder, f'level_{level}')
     if not os.path.isfile(os.path.join(level_dir, 'mask.pt')) or not os.path.isfile(
             os.path.join(folder, 'rewind_point.pt')):
         saved = sorted(int(d.split('_', 1)[1]) for d in os.listdir(folder) if d.startswith('level_') and
                        os.path.isfile(os.path.join(folder, d, 'mask.pt'))) if os.path.isdir(folder) else []
-        raise CLIError(f'--level: {args.level} has no saved ticket in {folder}; levels with tickets: '
+        raise CLIError(f'--level: {level} has no saved ticket in {folder}; levels with tickets: '
                        f'{", ".join(map(str, saved)) or "none"}')
-    from composer.utils import reproducibility
+    return level_dir
 
-    from composer_imp.functional.ticket import load_ticket
+
+def cmd_instability(args: argparse.Namespace) -> int:
+    def check() -> None:
+        if args.seeds[0] == args.seeds[1]:
+            raise CLIError(f'--seeds: {args.seeds} must be two different seeds')
+        if args.alphas < 2:
+            raise CLIError(f'--alphas: {args.alphas} must be at least 2 (both endpoints)')
+
+    run = args.run_dir
+    recipe, level_dir, ticket, model, make_trainer, _ = _level_ticket(run, args.level, 'instability', check=check)
     from composer_imp.instability import instability_analysis
-
-    ticket = load_ticket(level_dir)
-    reproducibility.seed_all(int(recipe.get('seed', 17)))
-    model = build_model_from_recipe(recipe)
-    name = recipe.get('run_name', 'run')
-
-    def make_trainer(child_model: Any, seed: int) -> Any:
-        return build_trainer(child_recipe(recipe, seed, f'{name}-instability-L{args.level}-seed{seed}'),
-                             model=child_model)
 
     lmc = _lmc_settings(recipe)
     result = instability_analysis(make_trainer, ticket, model=model, seeds=tuple(args.seeds), alphas=args.alphas,
@@ -487,6 +542,87 @@ def cmd_instability(args: argparse.Namespace) -> int:
              f'{args.seeds[0]} and {args.seeds[1]}: barrier {100 * result["barrier_max_minus_mean"]:.2f} pp '
              f'(max − mean), {"stable" if result["stable"] else "unstable"} at {100 * result["threshold"]:g} pp.',
              path)
+    return 0
+
+
+def cmd_branch(args: argparse.Namespace) -> int:
+    def check() -> None:
+        if len(set(args.seeds)) != len(args.seeds):
+            raise CLIError(f'--seeds: {args.seeds} repeats a seed; give different seeds (one branch each)')
+        if args.alphas < 2:
+            raise CLIError(f'--alphas: {args.alphas} must be at least 2 (both endpoints)')
+        if (args.kind == 'rewind') != (args.rewind_to is not None):
+            raise CLIError(f'--rewind-to: {"is needed by" if args.kind == "rewind" else "is only for"} '
+                           f"--kind rewind (the other rewind step k', e.g. --rewind-to 0ba)")
+
+    run = args.run_dir
+    recipe, level_dir, ticket, model, make_trainer, build_model = _level_ticket(run, args.level, f'branch-{args.kind}',
+                                                                                check=check)
+    next_masks = None
+    if args.kind == 'perturb':
+        from composer_imp.functional.ticket import load_ticket
+
+        try:
+            next_dir = _saved_level(run, recipe, args.level + 1)
+        except CLIError as error:
+            raise CLIError(f'--level: perturb needs the mask of level {args.level + 1} (the perturbation\'s norm), '
+                           f'and {str(error).split("; ", 1)[-1]}') from None
+        next_masks = load_ticket(next_dir)['masks']
+    from composer_imp.branches import run_branch
+
+    lmc = _lmc_settings(recipe)
+    results = run_branch(make_trainer, ticket, args.kind, args.seeds, model=model, build_model=build_model,
+                         run_seed=int(recipe.get('seed', 17)), rewind_to=args.rewind_to, next_masks=next_masks,
+                         alphas=args.alphas, threshold=float(lmc.get('threshold', 0.02)),
+                         bn=lmc.get('bn', 'interpolate'), bn_batches=int(lmc.get('bn_batches', 16)),
+                         eval_label=lmc.get('eval_label'), metric=lmc.get('metric'), level_dir=level_dir)
+    if _rank() == 0:
+        from composer_imp.report import build_report
+        from composer_imp.report.tables import accuracy_key
+
+        key = accuracy_key(results)
+        lines = []
+        for result in results:
+            text = (f'{args.kind} branch of level {result["level"]}, seed {result["seed"]}: '
+                    f'{key} {result["eval"][key]:.4g}')
+            if args.kind == 'perturb':
+                text += (f', perturbation norm {result["perturbation_norm"]:.4g}, barrier '
+                         f'{100 * result["barrier_max_minus_mean"]:.2f} pp (max − mean) to the unperturbed copy')
+            lines.append(text + '.')
+        _say(*lines, build_report(run))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from composer_imp.report.build import RECIPE_FILE, imp_folder
+
+    recipe_path = os.path.join(args.run_dir, RECIPE_FILE)
+    if not os.path.isfile(recipe_path):
+        raise CLIError(f'run_dir: {args.run_dir} has no {RECIPE_FILE}; give the run folder of a composer-imp run')
+    import torch
+
+    from composer_imp.export import network_cost, save_exported
+    from composer_imp.recipes import build_model_from_recipe, load_recipe
+    from composer_imp.report.structured import export_level
+
+    recipe = load_recipe(recipe_path)
+    result = export_level(imp_folder(args.run_dir, recipe), args.level, recipe)
+    before = network_cost(result['model'], result['example_inputs'])
+    after = network_cost(result['exported'], result['example_inputs'])
+    with torch.no_grad():
+        error = float((result['model'](result['batch']) - result['exported'](result['batch'])).abs().max())
+    summary = {'level': args.level, 'params': [before['params'], after['params']],
+               'macs': [before['macs'], after['macs']], 'max_abs_difference': error}
+    out = args.out or os.path.join(args.run_dir, 'export', f'level_{args.level}')
+    imp = (recipe.get('algorithms') or {}).get('imp') or {}
+    unstructured_note = (None if imp.get('structure', 'weights') == 'channels' else
+                         " An unstructured ticket loses only the channels that happen to be fully pruned; train with "
+                         "algorithms.imp.structure=channels for a smaller network.")
+    state_path, description_path = save_exported(result['exported'], build_model_from_recipe(recipe), out, summary)
+    _say(f'Level {args.level} exported: parameters {before["params"]:,.0f} -> {after["params"]:,.0f} '
+         f'({after["params"] / before["params"]:.1%}), MACs per sample {before["macs"]:,.0f} -> {after["macs"]:,.0f} '
+         f'({after["macs"] / before["macs"]:.1%}); max |exported - masked| on an eval batch {error:.2g}.' +
+         ('' if unstructured_note is None else unstructured_note), state_path, description_path)
     return 0
 
 
@@ -518,7 +654,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {'run': cmd_run, 'report': cmd_report, 'instability': cmd_instability, 'convert': cmd_convert}
+COMMANDS = {'run': cmd_run, 'report': cmd_report, 'instability': cmd_instability, 'convert': cmd_convert,
+            'export': cmd_export,
+            'branch': cmd_branch}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -35,7 +35,7 @@ from torchmetrics import Metric
 __all__ = ['unwrap_model', 'evaluate', 'preserve_rng', 'seeded_rng', 'preserve_loader_generators', 'DeviceBatches',
            'sum_over_ranks', 'without_persistent_workers', 'Value', 'resolve_value', 'resolve_values',
            'check_metric_name', 'Scorer', 'samples_in_batch', 'find_evaluator', 'evaluator_batches', 'train_batches',
-           'trainer_eval_round', 'level_eval_metrics', 'LOSS', 'METRIC_ALIASES', 'LANGUAGE_METRICS']
+           'trainer_eval_round', 'level_eval_metrics', 'total_loss', 'LOSS', 'METRIC_ALIASES', 'LANGUAGE_METRICS']
 
 
 def unwrap_model(state: State) -> torch.nn.Module:
@@ -282,7 +282,7 @@ def _sample_correct(outputs: Any, targets: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _total_loss(loss: Any) -> torch.Tensor:
+def total_loss(loss: Any) -> torch.Tensor:
     """The scalar the Trainer backpropagates: ``loss['total']``, else the sum of the means of the losses."""
     if isinstance(loss, Mapping) and 'total' in loss:
         return loss['total'].mean()
@@ -301,7 +301,7 @@ def _evaluation_pass(state: State, model: torch.nn.Module, batches: DeviceBatche
         targets = _targets(batch) if per_sample else None
         if with_loss:
             outputs = model(batch)
-            losses.append(_total_loss(model.loss(outputs, batch)).detach().double() * size)
+            losses.append(total_loss(model.loss(outputs, batch)).detach().double() * size)
             outputs = model.eval_forward(batch, outputs)
         else:
             outputs = model.eval_forward(batch)

@@ -4,7 +4,8 @@ An open_lth-style branch run from a saved ticket: both children start from the t
 step k, train k -> T with the run's own schedule but different data order and augmentation randomness (the Trainer's
 seed), and the barrier between the two trained networks is measured on the eval data, through the LMC evaluator's
 scoring (``composer_imp.evaluation``), on any ComposerModel. A ticket is *stable* when ``barrier_max_minus_mean`` (the
-convention for exchangeable endpoints) of the headline value is at most ``threshold``.
+convention for exchangeable endpoints) of the headline value is at most ``threshold``. :func:`train_ticket` (one
+ticket trained k -> T) is shared with the control branches (:mod:`composer_imp.branches`).
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from composer_imp.algorithms.imp import IMP
 from composer_imp.callbacks.lmc_evaluator import LMCEvaluator
 from composer_imp.evaluation import unwrap_model
 from composer_imp.functional import apply_masks, mask_gradients, rewind, snapshot
+from composer_imp.functional.ticket import atomic_write
 
-__all__ = ['instability_analysis']
+__all__ = ['instability_analysis', 'train_ticket', 'barrier_summary', 'below_threshold', 'check_ticket', 'write_result',
+           'schedule_batches']
 
 _COMPOSER_SCHEDULER = 'compile_composer_scheduler.<locals>.scheduler_fn'
 
@@ -73,7 +76,7 @@ class _TicketBranch(Algorithm):
         state.timestamp = at(self.rewind_batch)
 
 
-def _schedule_batches(trainer: Trainer) -> int:
+def schedule_batches(trainer: Trainer) -> int:
     duration = Time.from_input(trainer.state.max_duration)
     if duration.unit == TimeUnit.BATCH:
         return int(duration.value)
@@ -91,7 +94,7 @@ def _check_trainer(trainer: Trainer, ticket: Mapping[str, Any]) -> None:
         if not lambdas or any(getattr(fn, '__qualname__', '') != _COMPOSER_SCHEDULER for fn in lambdas):
             raise ValueError('make_trainer: only Composer schedulers (composer.optim, functions of time) can resume '
                              'at the rewind step; native PyTorch schedulers keep their own step counters')
-    total = _schedule_batches(trainer)
+    total = schedule_batches(trainer)
     if ticket.get('schedule_batches') is not None and ticket['schedule_batches'] != total:
         raise ValueError(f"make_trainer: max_duration is {total} batches, but the ticket's level trained for "
                          f"T = {ticket['schedule_batches']} batches; configure it like the original run")
@@ -99,6 +102,59 @@ def _check_trainer(trainer: Trainer, ticket: Mapping[str, Any]) -> None:
         raise ValueError(f"ticket: rewind step {ticket['rewind_batch']} is not before the end of training ({total})")
     if not trainer.state.evaluators:
         raise ValueError('make_trainer: the Trainer has no eval_dataloader to measure the barrier on')
+
+
+def write_result(path: str, result: Mapping[str, Any]) -> str:
+    """Write a JSON result atomically (nothing half-written under ``path`` if the process dies)."""
+    return atomic_write(path, lambda f: f.write(json.dumps(result, indent=1).encode('utf-8')))
+
+
+def check_ticket(ticket: Mapping[str, Any]) -> None:
+    missing = [key for key in ('masks', 'rewind_point', 'rewind_batch', 'level') if key not in ticket]
+    if missing:
+        raise ValueError(f'ticket: missing {missing}; pass IMP.ticket() or composer_imp.load_ticket(level_folder)')
+
+
+def train_ticket(make_trainer: Callable[[nn.Module, int], Trainer], ticket: Mapping[str, Any], seed: int,
+                 model: nn.Module) -> Trainer:
+    """Train a copy of ``model`` from ``ticket['rewind_point']`` under ``ticket['masks']``, step
+    ``ticket['rewind_batch']`` (k) -> T, with the Trainer ``make_trainer(copy, seed)``; returns that Trainer, fitted
+    and still open (the caller reads its state, then closes it). ``model`` is never modified."""
+    child = copy.deepcopy(model)
+    device = next(child.parameters()).device
+    rewind(child, ticket['rewind_point'], {name: mask.to(device) for name, mask in ticket['masks'].items()})
+    trainer = make_trainer(child, seed)
+    try:
+        _check_trainer(trainer, ticket)
+    except ValueError:
+        trainer.close()
+        raise
+    trainer.state.algorithms = [_TicketBranch(ticket['masks'], int(ticket['rewind_batch'])),
+                                *trainer.state.algorithms]
+    trainer.fit()
+    return trainer
+
+
+def barrier_summary(curve: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON fields of an :meth:`LMCEvaluator.barrier` curve: ``metric`` (the headline value's name),
+    ``alphas``, ``values`` (each value's curve), ``barrier_linear`` and ``barrier_max_minus_mean`` (of the
+    headline) and ``barriers`` (``{value: {'linear', 'max_minus_mean'}}``)."""
+    headline = curve['metric']
+    return {
+        'metric': headline,
+        'alphas': curve['alphas'],
+        'values': curve['values'],
+        'barrier_linear': curve['barrier_linear'][headline],
+        'barrier_max_minus_mean': curve['barrier_max_minus_mean'][headline],
+        'barriers': {name: {'linear': curve['barrier_linear'][name],
+                            'max_minus_mean': curve['barrier_max_minus_mean'][name]} for name in curve['values']},
+    }
+
+
+def below_threshold(barrier: float, threshold: float) -> Optional[bool]:
+    """Whether a barrier is at most ``threshold``; None for a nan barrier (a non-finite value on the path), which is
+    undefined: neither below nor above."""
+    return None if math.isnan(barrier) else barrier <= threshold
 
 
 def instability_analysis(
@@ -143,51 +199,33 @@ def instability_analysis(
     seeds = [int(seed) for seed in seeds]
     if len(seeds) != 2 or seeds[0] == seeds[1]:
         raise ValueError(f'seeds: {seeds} is not allowed; give two different seeds')
-    missing = [key for key in ('masks', 'rewind_point', 'rewind_batch', 'level') if key not in ticket]
-    if missing:
-        raise ValueError(f'ticket: missing {missing}; pass IMP.ticket() or composer_imp.load_ticket(level_folder)')
+    check_ticket(ticket)
     lmc = LMCEvaluator(alphas=alphas, threshold=threshold, bn=bn, bn_batches=bn_batches, eval_label=eval_label,
                        metric=metric)
 
     children, trainer = [], None
     for seed in seeds:
-        child = copy.deepcopy(model)
-        device = next(child.parameters()).device
-        rewind(child, ticket['rewind_point'], {name: mask.to(device) for name, mask in ticket['masks'].items()})
         if trainer is not None:
             trainer.close()
-        trainer = make_trainer(child, seed)
-        _check_trainer(trainer, ticket)
-        trainer.state.algorithms = [_TicketBranch(ticket['masks'], int(ticket['rewind_batch'])),
-                                    *trainer.state.algorithms]
-        trainer.fit()
+        trainer = train_ticket(make_trainer, ticket, seed, model)
         children.append(snapshot(unwrap_model(trainer.state)))
     try:
         curve = lmc.barrier(trainer.state, children[0], children[1])
     finally:
         trainer.close()
 
-    headline = curve['metric']
+    summary = barrier_summary(curve)
     result = {
         'level': int(ticket['level']),
         'density': float(ticket['density']) if 'density' in ticket else None,
         'seeds': seeds,
         'rewind_batch': int(ticket['rewind_batch']),
-        'metric': headline,
-        'alphas': curve['alphas'],
-        'values': curve['values'],
-        'barrier_linear': curve['barrier_linear'][headline],
-        'barrier_max_minus_mean': curve['barrier_max_minus_mean'][headline],
-        'barriers': {name: {'linear': curve['barrier_linear'][name],
-                            'max_minus_mean': curve['barrier_max_minus_mean'][name]} for name in curve['values']},
+        **summary,
         'threshold': threshold,
-        # A nan barrier (a non-finite value on the path) is undefined: neither stable nor unstable.
-        'stable': (None if math.isnan(curve['barrier_max_minus_mean'][headline]) else
-                   curve['barrier_max_minus_mean'][headline] <= threshold),
+        'stable': below_threshold(summary['barrier_max_minus_mean'], threshold),
         'bn': bn,
     }
     if level_dir is not None and dist.get_global_rank() == 0:
-        with open(os.path.join(level_dir, f'instability_seeds_{seeds[0]}_{seeds[1]}.json'), 'w') as f:
-            json.dump(result, f, indent=1)
+        write_result(os.path.join(level_dir, f'instability_seeds_{seeds[0]}_{seeds[1]}.json'), result)
     result['children'] = [{name: t.cpu() for name, t in child.items()} for child in children]
     return result

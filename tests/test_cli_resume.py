@@ -129,3 +129,40 @@ def test_a_save_folder_of_another_run_is_refused_before_anything_is_touched(resu
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f'save_folder: {run} holds the run resumable, not other' in err
     assert snapshot(run) == before
+
+
+SLOW_BUILD = """
+import os, sys, time
+from composer_imp import cli
+from composer_imp.models import build_model
+from composer_imp.recipes import REGISTRIES
+
+def slow_lenet(num_classes=None):
+    open(os.environ['BUILDING_MARKER'], 'w').close()
+    time.sleep(60)  # the signal arrives while the trainer is being built
+    return build_model('lenet_300_100', num_classes=num_classes).module
+
+REGISTRIES['models'].register('slow_lenet', slow_lenet)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_a_real_signal_while_the_trainer_is_built_exits_in_one_line_and_leaves_no_run_folder(tmp_path, signum):
+    run = tmp_path / 'run'
+    recipe = write_recipe(tmp_path / 'r.yaml', model={'name': 'slow_lenet'}, save_folder=str(run))
+    marker = tmp_path / 'building'
+    proc = subprocess.Popen([sys.executable, '-c', SLOW_BUILD, 'run', recipe], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, 'BUILDING_MARKER': str(marker)})
+    deadline = time.time() + 90
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    os.kill(proc.pid, signum)
+    out, err = proc.communicate(timeout=30)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert out.strip().splitlines()[-1] == (f'Interrupted ({name}) while building the trainer: nothing was trained '
+                                            'or written.')
+    assert 'Traceback' not in err and not run.exists()

@@ -81,7 +81,12 @@ def test_train_from_yaml_runs_imp_and_the_lmc_evaluator_on_a_tiny_mpt(streaming_
     with open(os.path.join(streaming_env, 'run', 'imp', 'levels.jsonl')) as f:
         written = [json.loads(line) for line in f]
     assert [r['lmc/barrier/error'] for r in written[1:]] == [r['lmc/barrier/error'] for r in imp.history[1:]]
+    assert [r['final'] for r in written] == [False] * LEVELS + [True]
     trainer.close()
+    from composer_imp.report import build_report
+
+    with open(build_report(str(streaming_env / 'run'))) as f:  # llm-foundry's run has no run.json of the CLI
+        assert f'**Status:** complete: {LEVELS + 1} levels.' in f.read()
 
 
 def test_two_ranks_hold_identical_masks_weights_and_verdicts(streaming_env):

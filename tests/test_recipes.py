@@ -95,9 +95,19 @@ def loader_overrides(recipe, roots, batch_size=4):
 # ---------------------------------------------------------------------------------------------------- shipped recipes
 def test_the_shipped_recipes_are_all_there():
     names = {os.path.basename(p) for p in RECIPES}
-    assert {'quickstart.yaml', 'mnist_lenet_adaptive.yaml', 'cifar10_resnet20.yaml', 'cifar10_resnet20_streaming.yaml',
+    assert {'quickstart.yaml', 'mnist_resnet20_lmc.yaml', 'mnist_lenet_adaptive.yaml', 'cifar10_resnet20.yaml', 'cifar10_resnet20_streaming.yaml',
             'cifar100_resnet18.yaml', 'cifar100_resnet18_adaptive.yaml', 'imagenet_resnet50.yaml'} <= names
 
+
+def test_the_cifar100_fixed_and_adaptive_recipes_differ_only_in_the_sparsity_step():
+    """A saving measured between them must be the step's: same training set, T, k, evaluation and final density."""
+    fixed, adaptive = (yaml.safe_load(open(os.path.join(ROOT, 'recipes', f'cifar100_resnet18{suffix}.yaml')))
+                       for suffix in ('', '_adaptive'))
+    assert adaptive['algorithms'].pop('adaptive_sparsity_step')['p_min'] == fixed['algorithms']['imp'].pop(
+        'prune_fraction')
+    fixed.pop('run_name'), adaptive.pop('run_name')
+    assert fixed == adaptive
+    assert fixed['train_loader']['skip'] == 5000
 
 @pytest.mark.parametrize('path', RECIPES, ids=os.path.basename)
 def test_every_recipe_starts_with_a_header_naming_what_it_reproduces_its_source_and_cost(path):
@@ -130,7 +140,8 @@ def test_every_recipe_parses_and_builds_on_standin_data(path, standins, streamin
             assert isinstance(imp.sparsity_step, AdaptiveSparsityStep)
             assert imp.target_density == imp_cfg['target_density']
         else:
-            assert imp.levels == imp_cfg['levels'] and imp.prune_fraction == imp_cfg['prune_fraction']
+            assert (imp.levels, imp.target_density) == (imp_cfg.get('levels'), imp_cfg.get('target_density'))
+            assert imp.prune_fraction == imp_cfg['prune_fraction']
         assert any(isinstance(c, LMCEvaluator) for c in trainer.state.callbacks)
         assert trainer.state.schedulers[0].base_lrs[0] == pytest.approx(recipe['optimizer']['lr'])
         assert len(trainer.state.schedulers) == 1

@@ -10,6 +10,19 @@ from composer_imp.functional.barrier import (
     is_matching,
     metric_curve,
 )
+from composer_imp.functional.controls import (
+    layer_alive_counts,
+    perturb_on_support,
+    pruned_rewind_distance,
+    random_masks,
+    shuffled_masks,
+)
+from composer_imp.functional.hessian import (
+    hessian_vector_product,
+    lanczos_top_eigenvalues,
+    max_pruning_ratio,
+    projection_length,
+)
 from composer_imp.functional.interpolate import interpolate_state, load_interpolated_, recompute_batchnorm
 from composer_imp.functional.masks import (
     Coverage,
@@ -47,8 +60,11 @@ __all__ = [
     'coverage_warning',
     'density',
     'error_barrier',
+    'hessian_vector_product',
     'interpolate_state',
     'is_matching',
+    'lanczos_top_eigenvalues',
+    'layer_alive_counts',
     'layer_densities',
     'load_interpolated_',
     'load_ticket',
@@ -56,15 +72,21 @@ __all__ = [
     'mask_gradients',
     'masks_at_density',
     'max_prune_fraction',
+    'max_pruning_ratio',
     'metric_curve',
     'non_finite_weights',
+    'perturb_on_support',
+    'projection_length',
     'projection_scores',
     'prunable_coverage',
     'prunable_weights',
+    'pruned_rewind_distance',
+    'random_masks',
     'recompute_batchnorm',
     'rewind',
     'rewind_optimizer',
     'search_fraction',
+    'shuffled_masks',
     'snapshot',
     'snapshot_optimizer',
     'verify_level',

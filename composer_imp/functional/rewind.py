@@ -1,7 +1,9 @@
-"""Rewind points: snapshots of a module's full state and of optimizer state, restored in place. Pure torch."""
+"""Rewind points: snapshots of a module's full state and of optimizer state, restored in place, and where such copies
+live (``OFFLOAD``: in host memory, pinned when CUDA is available, or on the training device). Pure torch."""
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +12,50 @@ from torch import nn
 
 from composer_imp.functional.masks import apply_masks
 
-__all__ = ['snapshot', 'rewind', 'snapshot_optimizer', 'rewind_optimizer']
+__all__ = ['OFFLOAD', 'snapshot', 'rewind', 'snapshot_optimizer', 'rewind_optimizer', 'stored_copy', 'move_module_']
+
+#: Where IMP keeps the copies it needs only at level transitions: ``'cpu'`` (host memory, pinned when CUDA is
+#: available, streamed to the device at a transition) or ``'device'`` (beside the model: no copies at transitions).
+OFFLOAD = ('cpu', 'device')
+
+
+def _pinned() -> bool:
+    return torch.cuda.is_available()
+
+
+def _stored_tensor(tensor: torch.Tensor, offload: str, device: torch.device | str | None) -> torch.Tensor:
+    tensor = tensor.detach()
+    if offload == 'device':
+        return tensor.to(device=device, copy=True)
+    # One copy straight into (pinned) host memory: no transient copy on the device.
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=_pinned()).copy_(tensor)
+
+
+def stored_copy(obj: Any, offload: str, device: torch.device | str | None = None) -> Any:
+    """A copy of ``obj`` (a tensor, or dicts/lists/tuples holding tensors and plain values) whose tensors live where
+    ``offload`` says (``OFFLOAD``; ``'device'``: on ``device``, default each tensor's own); never aliased with
+    ``obj``'s tensors."""
+    if offload not in OFFLOAD:
+        raise ValueError(f'offload: {offload!r} is not allowed; use one of {OFFLOAD}')
+    if isinstance(obj, torch.Tensor):
+        return _stored_tensor(obj, offload, device)
+    if isinstance(obj, Mapping):
+        return {k: stored_copy(v, offload, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(stored_copy(v, offload, device) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@torch.no_grad()
+def move_module_(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """``module.to(device)`` in place; on the host, its parameters and buffers go to pinned memory when CUDA is
+    available, so moving it back to the device at the next use is a fast copy."""
+    module.to(device)
+    if torch.device(device).type == 'cpu' and _pinned():
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if not tensor.is_pinned():
+                tensor.data = tensor.data.pin_memory()
+    return module
 
 
 @torch.no_grad()
@@ -50,9 +95,10 @@ def rewind(model: nn.Module, rewind_point: Mapping[str, torch.Tensor], masks: Ma
         apply_masks(model, masks)
 
 
-def snapshot_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A deep copy of ``optimizer.state_dict()`` (momentum buffers, Adam moments, learning rates)."""
-    return copy.deepcopy(optimizer.state_dict())
+def snapshot_optimizer(optimizer: torch.optim.Optimizer, offload: str = 'device') -> dict[str, Any]:
+    """A deep copy of ``optimizer.state_dict()`` (momentum buffers, Adam moments, learning rates), its tensors where
+    ``offload`` says (``OFFLOAD``); ``load_state_dict`` moves them back beside their parameters."""
+    return stored_copy(optimizer.state_dict(), offload)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 Layout of an IMP folder::
 
     rewind_point.pt          full state_dict at the rewind step k (shared by every level)
+    rewind_optimizers.pt     with IMP(rewind_optimizer=True): the optimizers' state at step k
     levels.jsonl             one JSON line of metrics per trained level (rejected attempts included); each line ends
                              with ``"line_sha256": <SHA-256 of the line's JSON without that key>``
     level_<L>/mask.pt        {'level', 'density', 'masks'}: the mask level L was trained under
@@ -16,11 +17,17 @@ Every file is written atomically (:func:`atomic_write`: a temporary file in the 
 :func:`load_ticket` calls it and then checks the mask itself (bool, 0/1 bytes only, shapes of the model).
 
 A *ticket* is (mask of level L, rewind point): training it from step k reproduces level L.
+
+IMP's checkpoints refer to the rewind point (and to the trained state of the last accepted level, ``trained.pt``)
+by a :func:`file_reference` (path relative to the IMP folder and SHA-256) instead of holding the tensors;
+:func:`read_reference` reads the file back and refuses it in one line if it is missing or its bytes changed. Masks go
+into checkpoints bit-packed (:func:`pack_masks`, 1 bit per weight).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -37,9 +44,11 @@ from composer_imp.functional.rewind import rewind
 
 __all__ = ['REWIND_POINT_FILE', 'LEVELS_FILE', 'MANIFEST_FILE', 'level_dir', 'save_level', 'save_rewind_point',
            'write_levels', 'write_manifest', 'read_levels', 'verify_level', 'verify_run', 'atomic_write',
-           'atomic_save', 'load_ticket']
+           'atomic_save', 'load_ticket', 'REWIND_OPTIMIZERS_FILE', 'file_digest', 'file_reference', 'read_reference',
+           'pack_masks', 'unpack_masks']
 
 REWIND_POINT_FILE = 'rewind_point.pt'
+REWIND_OPTIMIZERS_FILE = 'rewind_optimizers.pt'
 LEVELS_FILE = 'levels.jsonl'
 MANIFEST_FILE = 'manifest.json'
 MANIFEST_FORMAT = 1
@@ -135,7 +144,8 @@ def write_levels(folder: str, records: Sequence[dict[str, Any]]) -> str:
     return _atomic_text(os.path.join(folder, LEVELS_FILE), ''.join(levels_line(r) + '\n' for r in records))
 
 
-def _file_digest(path: str) -> dict[str, Any]:
+def file_digest(path: str) -> dict[str, Any]:
+    """``{'bytes', 'sha256'}`` of a file, read in 1 MiB chunks."""
     digest, size = hashlib.sha256(), 0
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(_CHUNK), b''):
@@ -151,7 +161,7 @@ def write_manifest(folder: str, level: int, level_density: float, record: dict[s
     ``level_<L>/trained.pt`` and ``rewind_point.pt`` when present) and, given the level's ``record``, ``levels_line``:
     ``{'index': its 0-based line in levels.jsonl, 'sha256': the line's checksum}``."""
     names = [f'level_{level}/mask.pt', f'level_{level}/trained.pt', REWIND_POINT_FILE]
-    files = {name: _file_digest(os.path.join(folder, name)) for name in names
+    files = {name: file_digest(os.path.join(folder, name)) for name in names
              if name != REWIND_POINT_FILE or os.path.isfile(os.path.join(folder, name))}
     manifest: dict[str, Any] = {'format': MANIFEST_FORMAT, 'level': int(level), 'density': float(level_density),
                                 'files': files}
@@ -159,6 +169,72 @@ def write_manifest(folder: str, level: int, level_density: float, record: dict[s
         manifest['levels_line'] = {'index': line_index, 'sha256': _sha256(json.dumps(record, default=float))}
     path = os.path.join(level_dir(folder, level), MANIFEST_FILE)
     return _atomic_text(path, json.dumps(manifest, indent=1) + '\n')
+
+
+# ---------------------------------------------------------------------------------------------------- references
+def file_reference(folder: str, relative_path: str, key: str | None = None, sha256: str | None = None
+                   ) -> dict[str, Any]:
+    """``{'path': relative_path, 'sha256', 'key', 'folder'}`` for a file of the IMP ``folder`` (``key``: the entry of
+    the saved dict that holds the tensors, ``None`` for the whole file; ``folder``: the folder's absolute path, where a
+    run loading the checkpoint into another folder finds the file). ``sha256`` when already known (from a manifest)."""
+    if sha256 is None:
+        sha256 = file_digest(os.path.join(folder, relative_path))['sha256']
+    return {'path': relative_path, 'sha256': sha256, 'key': key, 'folder': os.path.abspath(folder)}
+
+
+def read_reference(folder: str, reference: dict[str, Any], what: str) -> tuple[Any, str]:
+    """The object a :func:`file_reference` names and the folder it was read from: ``folder`` (the IMP folder of the
+    run now), else the folder the reference recorded. Loaded on the CPU (``weights_only``) after its SHA-256 is
+    checked; raises ``ValueError`` in one line naming the file and ``what`` it holds if it is missing, changed or
+    unreadable.
+    """
+    path = os.path.join(folder, reference['path'])
+    advice = ("restore it from the run's IMP folder (or resume with IMP(folder=...) naming that folder)")
+    if not os.path.isfile(path) and reference.get('folder'):
+        recorded = os.path.join(reference['folder'], reference['path'])
+        if os.path.isfile(recorded):
+            folder, path = reference['folder'], recorded
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint: IMP's {what} is stored in {path}, which is missing; {advice}")
+    with open(path, 'rb') as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != reference['sha256']:
+        raise ValueError(f"checkpoint: IMP's {what} file {path} does not have the SHA-256 the checkpoint recorded "
+                         f"(overwritten or corrupted); {advice}")
+    try:
+        loaded = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is one line
+        raise ValueError(f"checkpoint: IMP's {what} file {path} cannot be read ({type(error).__name__}); "
+                         f'{advice}') from None
+    return (loaded if reference.get('key') is None else loaded[reference['key']]), folder
+
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_masks(masks: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Bool masks as ``{name: {'shape': [...], 'bits': uint8 tensor}}``, 8 weights per byte, on the CPU."""
+    packed = {}
+    for name, mask in masks.items():
+        flat = mask.detach().flatten().cpu()
+        padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8)
+        padded[:flat.numel()] = flat
+        bits = (padded.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+        packed[name] = {'shape': list(mask.shape), 'bits': bits}
+    return packed
+
+
+def unpack_masks(packed: dict[str, dict[str, Any]],
+                 device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The bool masks :func:`pack_masks` packed, on ``device``."""
+    masks = {}
+    for name, entry in packed.items():
+        numel = 1
+        for size in entry['shape']:
+            numel *= int(size)
+        bits = (entry['bits'].cpu().view(-1, 1) & _BIT_WEIGHTS) != 0
+        masks[name] = bits.flatten()[:numel].view(entry['shape']).to(device)
+    return masks
 
 
 # ---------------------------------------------------------------------------------------------------- verifying
@@ -294,7 +370,7 @@ def verify_level(folder: str, level: int, raise_error: bool = False, line_sums: 
                     hint = 'truncated?' if size < int(expected.get('bytes') or 0) else 'overwritten?'
                     problems.append(f'{rel}: {_fmt_bytes(size)}, the manifest says {expected.get("bytes"):,} '
                                     f'({hint}); {what_to_do}')
-                elif _file_digest(file_path)['sha256'] != expected.get('sha256'):
+                elif file_digest(file_path)['sha256'] != expected.get('sha256'):
                     problems.append(f'{rel}: its SHA-256 differs from the manifest of {name} (corrupted or edited); '
                                     f'{what_to_do}')
             line = (manifest or {}).get('levels_line')

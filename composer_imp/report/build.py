@@ -2,7 +2,8 @@
 
 Reads only files: ``recipe.yaml`` and ``run.json`` (written by ``composer-imp run``; both optional), IMP's
 ``levels.jsonl`` (``<run_dir>/imp`` or the recipe's ``algorithms.imp.folder``) and any
-``level_<L>/instability_seeds_<a>_<b>.json`` written by ``composer-imp instability``.
+``level_<L>/instability_seeds_<a>_<b>.json`` written by ``composer-imp instability`` and ``level_<L>/branch_*.json``
+written by ``composer-imp branch``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from composer_imp.functional.ticket import LEVELS_FILE, verify_run
-from composer_imp.report import plots
+from composer_imp.report import controls, hessian, plots, structured
 from composer_imp.report.tables import (
     DEFAULT_MATCHING_TOLERANCE,
     LEVEL_COLUMNS,
@@ -154,6 +155,8 @@ def _status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], settings:
     else:
         complete = info_status == 'complete'
         done = f'{len(accepted)} levels'
+    # IMP marks the run's last level (``final``): a run outside the CLI (llm-foundry's train.py) has no run.json.
+    complete = complete or any(r.get('final') for r in rows)
     if complete:
         return f'complete: {done}.', True
     if info_status == 'running':
@@ -218,9 +221,11 @@ def build_report(run_dir: str) -> str:
         os.remove(old)
     name = recipe.get('run_name') or os.path.basename(os.path.normpath(run_dir))
     made: dict[str, Optional[str]] = {}
+    branches = controls.load_branches(run['imp_folder'], run_dir)
     if rows:
         made['accuracy'] = plots.accuracy_vs_density(rows, os.path.join(plot_dir, plots.PLOT_FILES['accuracy']),
-                                                     settings['tolerance'], title=f'{name}: test accuracy vs density')
+                                                     settings['tolerance'], title=f'{name}: test accuracy vs density',
+                                                     branches=controls.plot_series(branches, records))
         made['barrier'] = plots.barrier_per_level(rows, os.path.join(plot_dir, plots.PLOT_FILES['barrier']),
                                                   settings['threshold'])
         made['paths'] = plots.interpolation_paths(records, os.path.join(plot_dir, plots.PLOT_FILES['paths']))
@@ -372,6 +377,9 @@ def build_report(run_dir: str) -> str:
             if key.startswith('instability') and path:
                 lines += [f'![{key}]({PLOTS_DIR}/{os.path.basename(path)})', '']
 
+    lines += controls.section(rows, records, branches, settings['threshold'])
+    lines += structured.section(run, plot_dir)
+    lines += hessian.hessian_section(records, plot_dir, PLOTS_DIR)
     report_path = os.path.join(run_dir, REPORT_FILE)
     with open(report_path, 'w') as f:
         f.write('\n'.join(lines).rstrip() + '\n')
@@ -384,6 +392,7 @@ def build_report(run_dir: str) -> str:
         'plots': {k: os.path.relpath(v, run_dir) for k, v in made.items() if v},
         'instability': [{k: v for k, v in r.items() if k not in ('alphas', 'values')}
                         for r in run['instability']],
+        'branches': [{k: v for k, v in r.items() if k not in ('alphas', 'values')} for r in branches],
     }
     with open(os.path.join(run_dir, REPORT_JSON), 'w') as f:
         json.dump(summary, f, indent=1, default=str)

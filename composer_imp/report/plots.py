@@ -51,9 +51,10 @@ def path_values(metric: str, values: Sequence[float]) -> tuple[list[float], str]
 
 
 def accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str, tolerance: float,
-                        title: str = '') -> Optional[str]:
+                        title: str = '', branches: Optional[Mapping[str, Sequence[tuple]]] = None) -> Optional[str]:
     """Test accuracy against density (log axis, sparser to the right) with the dense level-0 band
-    [dense - tolerance, dense]: a level inside or above it is matching."""
+    [dense - tolerance, dense]: a level inside or above it is matching. ``branches``: control branches to mark,
+    ``{label: [(density, mean accuracy, lowest, highest), ...]}`` (:func:`composer_imp.report.controls.plot_series`)."""
     points = [r for r in rows if r['density'] is not None and r['accuracy'] is not None]
     if not points:
         return None
@@ -85,6 +86,10 @@ def accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str, tolerance:
     if rejected:
         ax.plot([r['density'] for r in rejected], [r['accuracy'] for r in rejected], 'x', color='tab:red', ms=8,
                 label='rejected attempt', zorder=3)
+    for index, ((label, marks), marker) in enumerate(zip((branches or {}).items(), 'v^D<>Ph*')):
+        shift = 1.0 - 0.015 * (index + 1)  # side by side at the ticket's density, not on top of each other
+        ax.errorbar([shift * m[0] for m in marks], [m[1] for m in marks], yerr=[[m[1] - m[2] for m in marks],
+                    [m[3] - m[1] for m in marks]], fmt=marker, ms=6, capsize=2, lw=1, label=label, zorder=3)
     ax.set_xscale('log')
     ax.invert_xaxis()
     densities = sorted({r['density'] for r in points}, reverse=True)

@@ -129,6 +129,7 @@ def level_rows(records: Sequence[Mapping[str, Any]], matching_tolerance: Optiona
             'seconds': _finite(record.get('seconds')),
             'flops': _finite(record.get('flops')),
             'accepted': accepted,
+            'final': bool(record.get('final')),
             'status': status,
         })
     return rows

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from composer_imp.algorithms.imp.sparsity_step import SparsityStep
 from composer_imp.evaluation import (
     Scorer,
+    total_loss,
     check_metric_name,
     evaluator_batches,
     find_evaluator,
@@ -40,14 +41,27 @@ from composer_imp.evaluation import (
 from composer_imp.functional.barrier import alpha_grid, is_matching, metric_curve
 from composer_imp.functional.flops import FORWARD_FLOPS_PER_MAC, sparse_macs
 from composer_imp.functional.masks import alive_count, layer_densities, magnitude_masks
+from composer_imp.functional.hessian import (
+    PRUNINGS,
+    flat_live_weights,
+    hessian_vector_product,
+    lanczos,
+    max_pruning_ratio,
+    max_random_prune_fraction,
+    spectrum,
+    support_operator,
+)
 from composer_imp.functional.projection import check_fraction_range, max_prune_fraction
+from composer_imp.functional.rewind import move_module_
 
 if TYPE_CHECKING:
     from composer_imp.algorithms.imp.imp import IMP
 
-__all__ = ['AdaptiveSparsityStep', 'BACKOFF_ON', 'PROJECTION_METRICS', 'max_prune_fraction', 'compute_totals']
+__all__ = ['AdaptiveSparsityStep', 'BACKOFF_ON', 'CRITERIA', 'PROJECTION_METRICS', 'max_prune_fraction',
+           'compute_totals']
 
 BACKOFF_ON = ('matching', 'barrier', 'either')
+CRITERIA = ('projection', 'hessian')
 PROJECTION_METRICS = ('error', 'loss')
 
 
@@ -103,6 +117,15 @@ class AdaptiveSparsityStep(SparsityStep):
         max_backoffs: retries of one level before it is accepted at ``p_min`` (>= 1).
         max_levels: stop after this many accepted pruned levels even if ``target_density`` is not reached (a compute
             bound; the report then says the target was not reached). ``None``: no bound.
+        criterion: how step 1 picks the fraction: ``'projection'`` (the check above) or ``'hessian'``, the theory's
+            maximal pruning ratio p* for magnitude pruning (``composer_imp.functional.hessian``; science.md §8) from
+            Lanczos on the probe loss's Hessian restricted to the live weights, with eps = ``projection_tolerance``
+            (so ``projection_metric`` must be ``'loss'``), clipped to [``p_min``, ``p_max``].
+        hessian_iterations: Lanczos iterations (Hessian-vector products over the probe) per Hessian analysis; the
+            Lanczos basis holds that many float64 copies of the live weights on the device.
+        hessian_analysis: at every check, run both criteria and the projection check for *random* pruning too, and
+            record them all (``hessian/...``; the report's maximal-pruning-ratio plot); costs count as checks. Needs
+            ``projection_metric='loss'``.
 
     Everything the step decides goes into ``levels.jsonl``: the level's ``step`` (fraction, reason, candidates with
     probe error/loss and delta, back-off count, check cost) and ``verify`` (metric, value, dense value, noise
@@ -131,8 +154,23 @@ class AdaptiveSparsityStep(SparsityStep):
         alphas: Any = 5,
         max_backoffs: int = 2,
         max_levels: Optional[int] = None,
+        criterion: str = 'projection',
+        hessian_iterations: int = 30,
+        hessian_analysis: bool = False,
     ):
         super().__init__()
+        if criterion not in CRITERIA:
+            raise ValueError(f'criterion: {criterion!r} is not allowed; use one of {CRITERIA}')
+        if criterion == 'hessian' and projection_metric != 'loss':
+            raise ValueError("criterion: 'hessian' measures the loss's sublevel set; use projection_metric='loss' "
+                             '(projection_tolerance is then its height eps, in nats)')
+        if isinstance(hessian_iterations, bool) or not isinstance(hessian_iterations, int) or hessian_iterations < 2:
+            raise ValueError(f'hessian_iterations: {hessian_iterations!r} is not allowed; use an integer >= 2')
+        self.criterion = criterion
+        self.hessian_iterations = hessian_iterations
+        if hessian_analysis and projection_metric != 'loss':
+            raise ValueError("hessian_analysis: the Hessian is the loss's; use projection_metric='loss' with it")
+        self.hessian_analysis = bool(hessian_analysis)
         check_fraction_range(p_min, p_max, projection_tolerance, resolution,
                              None if candidates is None else list(candidates))
         if projection_metric not in PROJECTION_METRICS:
@@ -256,10 +294,7 @@ class AdaptiveSparsityStep(SparsityStep):
             elif self._floor_failures:
                 fraction, reason = self.p_min, 'confirm_failure'  # one failure may be noise: a plain step decides
             else:
-                projection = self._project(state, imp, cost)
-                decision['projection'] = projection
-                fraction = projection['fraction']
-                reason = 'projection' if projection['admissible'] else 'projection_inadmissible'
+                fraction, reason = self._choose(state, imp, decision, cost)
         to_target = self._fraction_to_target(imp)
         # Never past the target; and when this step would stop short of it by less than half a p_min step (in
         # log-density), go all the way rather than spend a whole level on the remainder.
@@ -275,6 +310,7 @@ class AdaptiveSparsityStep(SparsityStep):
         metrics = {'adaptive/fraction': fraction, 'adaptive/attempt': self._backoffs,
                    'adaptive/check_samples': cost['samples'], 'adaptive/check_flops': cost['flops'],
                    'adaptive/check_seconds': cost['seconds']}
+        metrics.update(_hessian_keys(decision))
         projection = decision['projection']
         if projection is not None:
             metrics['adaptive/projection_evaluations'] = projection['evaluations']
@@ -282,6 +318,7 @@ class AdaptiveSparsityStep(SparsityStep):
             if projection['fraction'] in deltas:
                 metrics['adaptive/projection_delta'] = deltas[projection['fraction']]
         logger.log_metrics({k: float(v) for k, v in metrics.items()})
+        self._park_probe_model(imp)
         return fraction
 
     def accept(self, state: State, imp: 'IMP', record: dict[str, Any], logger: Logger) -> bool:
@@ -318,11 +355,13 @@ class AdaptiveSparsityStep(SparsityStep):
         record.update({'adaptive/verified': passed, 'adaptive/backoff': not accepted,
                        'adaptive/matching_lost': self._matching_lost})
         record[f'adaptive/verify/{verify["metric"]}'] = verify['value']
+        record.update(_hessian_keys(self.decision))
         if 'barrier' in verify:
             record['adaptive/barrier'] = verify['barrier']
         for name in ('matching', 'matching_up_to_noise', 'connected'):
             if checks.get(name) is not None:
                 record[f'adaptive/{name}'] = bool(checks[name])
+        self._park_probe_model(imp)
         return accepted
 
     def finished(self, imp: 'IMP') -> bool:
@@ -366,6 +405,77 @@ class AdaptiveSparsityStep(SparsityStep):
             projected = magnitude_masks(weights, entry['fraction'], masks, imp.scope)
             self._add_cost(cost, imp, result['samples'], projected)
         result['tolerance'] = self.projection_tolerance
+        return result
+
+    def _choose(self, state: State, imp: 'IMP', decision: dict[str, Any], cost: dict[str, Any]) -> tuple[float, str]:
+        """Step 1 by ``criterion``; with ``hessian_analysis`` every measurement, whichever decides."""
+        if self.criterion == 'projection' or self.hessian_analysis:
+            decision['projection'] = self._project(state, imp, cost)
+        if self.hessian_analysis:
+            decision['projection_random'] = self._project_random(state, imp, cost)
+        if self.criterion == 'hessian' or self.hessian_analysis:
+            decision['hessian'] = self._hessian(state, imp, cost)
+        if self.criterion == 'hessian':
+            return min(max(decision['hessian']['p_star']['magnitude'], self.p_min), self.p_max), 'hessian'
+        projection = decision['projection']
+        return projection['fraction'], 'projection' if projection['admissible'] else 'projection_inadmissible'
+
+    def _project_random(self, state: State, imp: 'IMP', cost: dict[str, Any]) -> dict[str, Any]:
+        """The projection check for random pruning: the empirical counterpart of the theory's random p*."""
+        probe, masks = self._load_probe_model(state), imp.masks
+        result = max_random_prune_fraction(
+            probe, masks, self._projection, p_min=self.p_min, p_max=self.p_max, tolerance=self.projection_tolerance,
+            metric=self.projection_metric, resolution=self.resolution, candidates=self.candidates,
+            generator=torch.Generator().manual_seed(int(state.rank_zero_seed) + imp.level))
+        for _ in range(1 + len(result['tried'])):  # costed at the level's density: the projections are sparser
+            self._add_cost(cost, imp, self._projection.samples, masks)
+        return result
+
+    def _hessian(self, state: State, imp: 'IMP', cost: dict[str, Any]) -> dict[str, Any]:
+        """Top eigenvalues of the probe loss's Hessian on the live weights and the theory's p* (science.md §8)."""
+        start = time.perf_counter()
+        probe, masks = self._load_probe_model(state), imp.masks
+        params = dict(probe.named_parameters())
+        weights = [params[name] for name in masks]
+        alive = [masks[name].to(params[name].device) for name in masks]
+        batches, reduce = train_batches(state, self._probe), sum_over_ranks(state)
+        probe_samples = [0]  # over all ranks, counted by the first product
+
+        def probe_hvp(vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            """H v of the mean per-sample loss over the probe on all ranks, the loss the projection check reads."""
+            totals = [torch.zeros_like(w) for w in weights]
+            samples = 0
+            with model_eval_mode(probe), torch.enable_grad():
+                for batch in batches:
+                    size = batches.num_samples(batch)
+                    products = hessian_vector_product(lambda: total_loss(probe.loss(probe(batch), batch)), weights,
+                                                      vector, alive)
+                    for total, product in zip(totals, products):
+                        total.add_(product, alpha=size)
+                    samples += size
+            flat = reduce(torch.cat([t.flatten() for t in totals] + [totals[0].new_tensor([samples])]))
+            probe_samples[0] = int(flat[-1])
+            return [piece.view_as(w) / flat[-1] for piece, w in zip(flat[:-1].split([w.numel() for w in weights]),
+                                                                     weights)]
+
+        operator, dim = support_operator(probe_hvp, alive)
+        generator = torch.Generator().manual_seed(int(state.rank_zero_seed) + imp.level)
+        tridiagonal, _ = lanczos(operator, dim, self.hessian_iterations, generator, weights[0].device)
+        top = max(1, min(10, tridiagonal.shape[0] // 3))  # the Ritz values trusted as converged eigenvalues
+        live = flat_live_weights(weights, alive)
+        result: dict[str, Any] = {
+            'epsilon': self.projection_tolerance, 'iterations': int(tridiagonal.shape[0]), 'dim': dim,
+            'top_eigenvalues': torch.linalg.eigvalsh(tridiagonal).flip(0)[:top].tolist()}
+        for key, bulk in (('p_star', 'slq'), ('p_star_lower', 'capped')):
+            values, counts = spectrum(tridiagonal, dim, bulk, k=top)
+            limits = {pruning: max_pruning_ratio(values, counts, live, self.projection_tolerance, pruning)
+                      for pruning in PRUNINGS}
+            result[key] = {pruning: limit['fraction'] for pruning, limit in limits.items()}
+            if bulk == 'slq':
+                result['radius'] = {pruning: limit['radius'] for pruning, limit in limits.items()}
+        # Each Hessian-vector product costs about four forward passes (forward, backward, double backward).
+        self._add_cost(cost, imp, 4 * result['iterations'] * probe_samples[0], masks)
+        result['seconds'] = time.perf_counter() - start
         return result
 
     def _fraction_to_target(self, imp: 'IMP') -> float:
@@ -439,9 +549,15 @@ class AdaptiveSparsityStep(SparsityStep):
         model = unwrap_model(state)
         if self._probe_model is None:
             self._probe_model = copy.deepcopy(model)
+        move_module_(self._probe_model, next(model.parameters()).device)
         with torch.no_grad():
             self._probe_model.load_state_dict(model.state_dict())
         return self._probe_model
+
+    def _park_probe_model(self, imp: 'IMP') -> None:
+        """Between checks the probe model lives where IMP keeps its transition-only copies (``IMP(offload=...)``)."""
+        if self._probe_model is not None and imp.offload == 'cpu':
+            move_module_(self._probe_model, 'cpu')
 
     def _add_cost(self, cost: dict[str, Any], imp: 'IMP', samples: int, masks: Mapping[str, torch.Tensor]) -> None:
         cost['samples'] += int(samples)
@@ -493,6 +609,22 @@ def _first_samples(loader: Iterable[Any], samples: int) -> list[Any]:
             if count >= samples:
                 break
     return batches
+
+
+def _hessian_keys(decision: Mapping[str, Any]) -> dict[str, Any]:
+    """The step's maximal-pruning-ratio measurements as flat ``hessian/...`` scalars (none without a Hessian)."""
+    hessian = decision.get('hessian')
+    if not hessian:
+        return {}
+    keys = {'hessian/lambda_max': hessian['top_eigenvalues'][0], 'hessian/fraction_used': decision.get('fraction')}
+    for pruning in PRUNINGS:
+        keys[f'hessian/p_star/{pruning}'] = hessian['p_star'][pruning]
+        keys[f'hessian/p_star_lower/{pruning}'] = hessian['p_star_lower'][pruning]
+    for pruning, name in (('magnitude', 'projection'), ('random', 'projection_random')):
+        check = decision.get(name)
+        if check is not None:
+            keys[f'hessian/admissible/{pruning}'] = check['fraction'] if check['admissible'] else None
+    return {k: v for k, v in keys.items() if v is not None}
 
 
 def _broadcast_float(state: State, value: float) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -50,11 +51,21 @@ from composer_imp.functional import (
 )
 from composer_imp.functional.flops import TRAIN_FLOPS_PER_MAC, layer_macs, sparse_macs
 from composer_imp.functional.masks import SCOPES
+from composer_imp.functional.structured import STRUCTURED_SCOPES, channel_groups, example_batch, structured_masks
+from composer_imp.functional.rewind import OFFLOAD, stored_copy
 from composer_imp.functional.ticket import (
     LEVELS_FILE,
+    MANIFEST_FILE,
+    REWIND_OPTIMIZERS_FILE,
+    REWIND_POINT_FILE,
+    atomic_save,
+    file_reference,
     level_dir,
+    pack_masks,
+    read_reference,
     save_level,
     save_rewind_point,
+    unpack_masks,
     write_levels,
     write_manifest,
 )
@@ -65,7 +76,13 @@ _EVENTS = (Event.INIT, Event.AFTER_LOAD, Event.FIT_START, Event.EPOCH_START, Eve
            Event.AFTER_DATALOADER, Event.BATCH_START, Event.BATCH_END, Event.EVAL_AFTER_ALL, Event.BATCH_CHECKPOINT,
            Event.EPOCH_CHECKPOINT)
 
+STRUCTURES = ('weights', 'channels')
+
 LevelEndHook = Callable[[State, Logger, dict], Optional[dict]]
+
+# The large copies IMP writes once into its folder and refers to from checkpoints: attribute -> what it holds.
+_FILED = {'_rewind_point': 'rewind point', '_previous_level_state': "parent level's trained state",
+          '_rewind_optimizers': 'optimizer state at the rewind step'}
 
 
 class IMP(Algorithm):
@@ -92,6 +109,15 @@ class IMP(Algorithm):
         folder: where the per-level masks, trained weights, rewind point and ``levels.jsonl`` go. Default: ``imp/``
             inside the ``CheckpointSaver``'s folder if the run saves checkpoints, else ``<run_name>/imp``.
         sparsity_step: a ``SparsityStep`` choosing each level's fraction (default ``FixedStep(prune_fraction)``).
+        structure: ``'weights'`` (default) prunes single weights; ``'channels'`` prunes torch-pruning's coupled
+            channel groups whole (channels, attention heads; ``composer_imp.functional.structured``), so that
+            ``export_ticket`` gives a physically smaller network. With ``'channels'``, ``prune_fraction`` (and the
+            adaptive step's choice) is a fraction of the *remaining channels and heads*, ``scope`` is ``'global'`` or
+            ``'layerwise'`` (per group), and the model is traced on the first batch, before any training step.
+        offload: where the copies needed only at level transitions live while a level trains -- the rewind point, the
+            parent level's trained state and masks, the rewound components' and optimizers' state, and the LMC
+            evaluator's and adaptive step's probe models: ``'cpu'`` (default: host memory, pinned when CUDA is
+            available, streamed to the device at a transition) or ``'device'`` (beside the model).
     """
 
     def __init__(
@@ -107,6 +133,8 @@ class IMP(Algorithm):
         mask_gradients: bool = True,
         folder: Optional[str] = None,
         sparsity_step: Optional[SparsityStep] = None,
+        offload: str = 'cpu',
+        structure: str = 'weights',
     ):
         if (levels is None) == (target_density is None):
             raise ValueError('levels, target_density: give exactly one of them (a number of pruned levels, or the '
@@ -120,8 +148,13 @@ class IMP(Algorithm):
         if (isinstance(prune_fraction, bool) or not isinstance(prune_fraction, (int, float)) or
                 not 0.0 < prune_fraction < 1.0):
             raise ValueError(f'prune_fraction: {prune_fraction!r} is not allowed; use a fraction (a number) in (0, 1)')
-        if scope not in SCOPES:
-            raise ValueError(f'scope: {scope!r} is not allowed; use one of {SCOPES}')
+        if structure not in STRUCTURES:
+            raise ValueError(f'structure: {structure!r} is not allowed; use one of {STRUCTURES}')
+        if scope not in (SCOPES if structure == 'weights' else STRUCTURED_SCOPES):
+            raise ValueError(f'scope: {scope!r} is not allowed with structure={structure!r}; use one of '
+                             f'{SCOPES if structure == "weights" else STRUCTURED_SCOPES}')
+        if offload not in OFFLOAD:
+            raise ValueError(f'offload: {offload!r} is not allowed; use one of {OFFLOAD}')
         if not isinstance(rewind_to, (str, Time)):
             raise ValueError(f"rewind_to: {rewind_to!r} has no unit; give a Composer time string such as "
                              f"'{rewind_to}ba' or '{rewind_to}ep' (or '0.05dur')")
@@ -148,6 +181,9 @@ class IMP(Algorithm):
         self.rewind_optimizer = rewind_optimizer
         self.mask_gradients = mask_gradients
         self.folder = folder
+        self.offload = offload
+        self.structure = structure
+        self._example_inputs: Optional[tuple] = None  # channels: a CPU slice of the first batch, to trace the model
         self.sparsity_step = sparsity_step if sparsity_step is not None else FixedStep(prune_fraction)
         self._rewind_time = rewind_time
         self.sparsity_step.check(self)
@@ -172,9 +208,12 @@ class IMP(Algorithm):
         self._history: list[dict[str, Any]] = []
         self._done = False
         self._macs: Optional[dict[str, Any]] = None  # dense MACs per sample: {'dense': float, 'weights': {name: float}}
+        self._files: dict[str, dict[str, Any]] = {}  # attribute of _FILED -> file_reference of its copy on disk
 
         self._last_eval: tuple[Optional[Timestamp], dict[str, Any]] = (None, {})  # the step and its eval round
         self._masked_params: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
+        self._unread_files: dict[str, dict[str, Any]] = {}  # references loaded from a checkpoint, read at AFTER_LOAD
+        self._parent_on_device: Optional[dict[str, torch.Tensor]] = None  # during a level end only
         self._gradient_hooks: list[Any] = []
         self._resolved_folder: Optional[str] = None
         self._checkpoint_names: dict[int, tuple] = {}
@@ -206,8 +245,9 @@ class IMP(Algorithm):
 
     @property
     def previous_level_state(self) -> Optional[dict[str, torch.Tensor]]:
-        """Trained state_dict of the last accepted level (the current level's parent), when a hook asked for it."""
-        return self._previous_level_state
+        """Trained state_dict of the last accepted level (the current level's parent), when a hook asked for it: on
+        the training device during a level end (the hooks' time), else where ``offload`` keeps it."""
+        return self._parent_on_device if self._parent_on_device is not None else self._previous_level_state
 
     @property
     def parent_masks(self) -> Optional[dict[str, torch.Tensor]]:
@@ -276,6 +316,7 @@ class IMP(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
+            _refuse_parallelism(state)
             # First on every event (last on AFTER_* ones, which Composer runs in reverse): masks are enforced before
             # EMA averages, a transition sees the trained weights before EMA swaps its own in for a checkpoint.
             state.algorithms.remove(self)
@@ -303,16 +344,20 @@ class IMP(Algorithm):
         elif event == Event.AFTER_DATALOADER:
             if self._macs is None:
                 self._count_macs(state)
+            if self.structure == 'channels' and self._example_inputs is None:
+                self._example_inputs = (example_batch(state.batch),)
+                with preserve_rng(state):  # at every (re)start: it must not move a resumed run's random streams
+                    channel_groups(unwrap_model(state), self._example_inputs, self._masks)  # fails before any step
         elif event == Event.BATCH_START:
             if not self._done and self._level_over(state):  # resumed from a checkpoint written before a transition
                 self._end_level(state, logger, mid_epoch=True)
         elif event == Event.BATCH_END:
             self._check_finite(state, loss=True)
             if self._level > 0:
-                params, keep = self._keep_factors(state)
+                params, masks = self._masked_pairs(state)
                 if params:
                     with torch.no_grad():
-                        torch._foreach_mul_(params, keep)
+                        torch._foreach_mul_(params, masks)
         elif event == Event.EVAL_AFTER_ALL:
             self._last_eval = (state.timestamp, trainer_eval_round(state, self._last_eval[1]))
         elif event == Event.BATCH_CHECKPOINT:
@@ -339,13 +384,13 @@ class IMP(Algorithm):
             'offsets': dict(self._offsets),
             'level_start_wct': self._level_start_wct,
             'nominal_density': self._nominal_density,
-            'masks': self._masks,
-            'rewind_point': self._rewind_point,
+            'masks': None if self._masks is None else pack_masks(self._masks),
             'rewind_run': self._rewind_run,
             'rewind_components': None if self._rewind_components is None else self._rewind_components.state_dict(),
-            'rewind_optimizers': self._rewind_optimizers,
-            'previous_level_state': self._previous_level_state,
-            'previous_masks': self._previous_masks,
+            'previous_masks': None if self._previous_masks is None else pack_masks(self._previous_masks),
+            # A file IMP wrote is referred to; without one (ranks other than 0, before fit()) the tensors go along.
+            **{attribute[1:]: None if attribute in self._files else getattr(self, attribute) for attribute in _FILED},
+            'files': dict(self._files),
             'previous_nominal_density': self._previous_nominal_density,
             'history': self._history,
             'done': self._done,
@@ -361,14 +406,15 @@ class IMP(Algorithm):
         self._offsets = dict(state['offsets'])
         self._level_start_wct = state['level_start_wct']
         self._nominal_density = state['nominal_density']
-        self._masks = state['masks']
-        self._rewind_point = state['rewind_point']
+        self._masks = _masks_from_checkpoint(state['masks'])
         self._rewind_run = state['rewind_run']
         self._rewind_components = None if state['rewind_components'] is None else ComponentSnapshot.from_state_dict(
             state['rewind_components'])
-        self._rewind_optimizers = state['rewind_optimizers']
-        self._previous_level_state = state['previous_level_state']
-        self._previous_masks = state['previous_masks']
+        self._previous_masks = _masks_from_checkpoint(state['previous_masks'])
+        self._files = {}
+        self._unread_files = dict(state.get('files') or {})
+        for attribute in _FILED:
+            setattr(self, attribute, state[attribute[1:]])
         self._previous_nominal_density = state['previous_nominal_density']
         self._history = state['history']
         self._done = state['done']
@@ -396,10 +442,48 @@ class IMP(Algorithm):
                                  f'weight {tuple(w.shape)}; resume with the same model')
         device = next(iter(weights.values())).device
         self._masks = {n: m.to(device=device, dtype=torch.bool) for n, m in self._masks.items()}
-        for attribute in ('_rewind_point', '_previous_level_state', '_previous_masks'):
+        self._read_files(state)
+        for attribute in (*_FILED, '_previous_masks'):
             stored = getattr(self, attribute)
             if stored is not None:
-                setattr(self, attribute, {n: t.to(device) for n, t in stored.items()})
+                setattr(self, attribute, self._stored(stored, device))
+        if self._rewind_components is not None:
+            self._rewind_components.tensors = self._stored(self._rewind_components.tensors, device)
+
+    def _stored(self, tensors: Any, device: torch.device) -> Any:
+        """A copy where ``offload`` keeps transition-only state: (pinned) host memory, or ``device``."""
+        return stored_copy(tensors, self.offload, device)
+
+    def _read_files(self, state: State) -> None:
+        """Read the files a checkpoint refers to (rank 0 reads and checks them; the other ranks receive them, so a
+        node without IMP's folder resumes too), and keep referring to them."""
+        if not self._unread_files:
+            return
+        self._resolve_folder(state)
+        loaded: Any = None
+        if dist.get_global_rank() == 0:
+            try:
+                loaded = {attribute: read_reference(self._resolved_folder, reference, _FILED[attribute])
+                          for attribute, reference in self._unread_files.items()}
+            except ValueError as error:
+                loaded = str(error)
+        if dist.get_world_size() > 1:
+            box = [loaded]
+            dist.broadcast_object_list(box, src=0)
+            loaded = box[0]
+        if isinstance(loaded, str):
+            raise ValueError(loaded)
+        references, self._unread_files, self._files = self._unread_files, {}, {}
+        for attribute, (value, folder) in loaded.items():
+            setattr(self, attribute, value)
+            if dist.get_global_rank() != 0:
+                continue
+            if folder == self._resolved_folder:
+                self._files[attribute] = references[attribute]
+            elif attribute == '_rewind_point':  # a checkpoint of another run folder (load_path): this folder's ticket
+                save_rewind_point(self._resolved_folder, value, self._plan['rewind_batch'])
+                self._files[attribute] = file_reference(self._resolved_folder, REWIND_POINT_FILE, 'state_dict')
+            # else the tensors go into this run's checkpoints: its folder holds no copy
 
     def _start(self, state: State, logger: Logger) -> None:
         """Fix the level schedule (first start), and keep logger steps and checkpoint names monotonic across levels."""
@@ -516,14 +600,15 @@ class IMP(Algorithm):
             warnings.warn(f"IMP: {self._macs['fallback_reason']}; FLOPs are estimated as one multiply-accumulate per "
                           'parameter and token')
 
-    def _keep_factors(self, state: State) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The partly pruned parameters and their masks as 0/1 tensors of the parameter's dtype, built once per level,
-        so that enforcing the masks is one fused multi-tensor multiply per step (pruned entries become exactly 0:
-        their gradients are zeroed before the step, so no optimizer can move them by a non-finite amount)."""
+    def _masked_pairs(self, state: State) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The partly pruned parameters and their bool masks, listed once per level: enforcing the masks is one
+        multi-tensor multiply by the bool masks per step, promoted to the parameter's dtype inside the kernel, so no
+        0/1 copy of the masks in the parameter's dtype is kept (pruned entries become exactly 0: their gradients are
+        zeroed before the step, so no optimizer can move them by a non-finite amount)."""
         if self._masked_params is None:
             params = dict(unwrap_model(state).named_parameters())
             pruned = [name for name, mask in self._masks.items() if not mask.all()]
-            self._masked_params = ([params[n] for n in pruned], [self._masks[n].to(params[n].dtype) for n in pruned])
+            self._masked_params = ([params[n] for n in pruned], [self._masks[n] for n in pruned])
         return self._masked_params
 
     def _install_gradient_masks(self, state: State) -> None:
@@ -533,8 +618,8 @@ class IMP(Algorithm):
             handle.remove()
         self._gradient_hooks = []
         if self.mask_gradients and self._level > 0:
-            for param, keep in zip(*self._keep_factors(state)):
-                self._gradient_hooks.append(param.register_hook(functools.partial(torch.mul, other=keep)))
+            for param, mask in zip(*self._masked_pairs(state)):
+                self._gradient_hooks.append(param.register_hook(functools.partial(torch.mul, other=mask)))
 
     # ------------------------------------------------------------------ non-finite values (finite.py)
     def _check_finite(self, state: State, loss: bool = False, tensors: Optional[dict[str, Any]] = None) -> None:
@@ -562,7 +647,9 @@ class IMP(Algorithm):
         for tensor in rewind_point.values():
             dist.broadcast(tensor, src=0)
         self._check_finite(state, tensors=rewind_point)
-        self._rewind_point = rewind_point
+        device = self._device()
+        self._rewind_point = self._stored(rewind_point, device)
+        del rewind_point
         previous = state.previous_timestamp
         self._rewind_run = {
             'timestamp': _counters(state.timestamp),
@@ -572,11 +659,20 @@ class IMP(Algorithm):
             'layout': capture_layout(model, state.optimizers),
         }
         self._rewind_components = ComponentSnapshot.capture(state, rewound_components(state, self))
+        self._rewind_components.tensors = self._stored(self._rewind_components.tensors, device)
         if self.rewind_optimizer:
-            self._rewind_optimizers = [[_plain(snapshot_optimizer(inner)) for inner in inner_optimizers(opt)]
-                                       for opt in state.optimizers]
+            self._rewind_optimizers = [[_plain(snapshot_optimizer(inner, self.offload))
+                                        for inner in inner_optimizers(opt)] for opt in state.optimizers]
         if self._resolved_folder is not None and dist.get_global_rank() == 0:
-            save_rewind_point(self._resolved_folder, rewind_point, self._plan['rewind_batch'])
+            save_rewind_point(self._resolved_folder, self._rewind_point, self._plan['rewind_batch'])
+            self._files['_rewind_point'] = file_reference(self._resolved_folder, REWIND_POINT_FILE, 'state_dict')
+            if self._rewind_optimizers is not None:
+                atomic_save(self._rewind_optimizers, os.path.join(self._resolved_folder, REWIND_OPTIMIZERS_FILE))
+                self._files['_rewind_optimizers'] = file_reference(self._resolved_folder, REWIND_OPTIMIZERS_FILE)
+
+    def _device(self) -> torch.device:
+        """The training device: where the masks (and the prunable weights) are."""
+        return next(iter(self._masks.values())).device
 
     # ------------------------------------------------------------------ level transitions
     def _level_over(self, state: State) -> bool:
@@ -613,33 +709,39 @@ class IMP(Algorithm):
         }
         if self._level > 0:
             record['step'] = dict(self.sparsity_step.decision)
+        device = self._device()
+        if self.offload == 'cpu' and self._previous_level_state is not None:  # one stream for all the hooks' reads
+            self._parent_on_device = {n: t.to(device, non_blocking=True) for n, t in self._previous_level_state.items()}
         for hook in self._hooks:
             record.update(hook(state, logger, record) or {})
         accepted = self._level == 0 or self.sparsity_step.accept(state, self, record, logger)
         record['accepted'] = bool(accepted)
+        record['final'] = bool(accepted) and self._finished()  # the run's last level: the report needs no recipe
         self._history.append(record)
         self._log_level(record, logger)
         self._write_level(record, model, accepted, logger)
 
         if accepted:
+            self._parent_on_device = None
             if self._keep_previous_level:
-                self._previous_level_state = snapshot(model)
-            self._previous_masks = {n: m.clone() for n, m in self._masks.items()}
+                self._previous_level_state = self._stored(model.state_dict(), device)
+                self._refer_to_trained_state(record['level'])
+            self._previous_masks = self._stored(self._masks, device)
             self._previous_nominal_density = self._nominal_density
-            if self._finished():
+            if record['final']:
                 self._done = True
                 if self._pending_transition:  # the resumed run's extra batch of budget must not be trained
                     state.max_duration = self._schedule
                 return
             next_level, attempt = self._level + 1, 0
         else:
-            rewind(model, self._previous_level_state, self._previous_masks)
+            rewind(model, self.previous_level_state, {n: m.to(device) for n, m in self._previous_masks.items()})
+            self._parent_on_device = None
             next_level, attempt = self._level, self._attempt + 1
 
         fraction = self.sparsity_step.fraction(state, self, logger)
         self._nominal_density = self._previous_nominal_density * (1.0 - fraction)
-        masks = masks_at_density(prunable_weights(model, self.ignore, embeddings=self.embeddings),
-                                 self._nominal_density, self._previous_masks, self.scope)
+        masks = self._next_masks(model, fraction)
         for name in masks:
             as_bytes = masks[name].to(torch.uint8)
             dist.broadcast(as_bytes, src=0)  # one mask for all ranks, whatever ties or kernels did
@@ -650,6 +752,25 @@ class IMP(Algorithm):
         self._pending_transition = False
         self._level_start_wct = now.total_wct.total_seconds()
         self._rewind(state, logger, mid_epoch)
+
+    def _refer_to_trained_state(self, level: int) -> None:
+        """Checkpoints refer to the level's ``trained.pt`` (just written, equal to the parent state now kept) by the
+        SHA-256 its manifest recorded; where rank 0 wrote no file, the tensors go into the checkpoint."""
+        self._files.pop('_previous_level_state', None)
+        if dist.get_global_rank() != 0 or self._resolved_folder is None:
+            return
+        relative = os.path.relpath(os.path.join(level_dir(self._resolved_folder, level), 'trained.pt'),
+                                   self._resolved_folder)
+        with open(os.path.join(level_dir(self._resolved_folder, level), MANIFEST_FILE), encoding='utf-8') as f:
+            sha256 = json.load(f)['files'][relative.replace(os.sep, '/')]['sha256']
+        self._files['_previous_level_state'] = file_reference(self._resolved_folder, relative, sha256=sha256)
+
+    def _next_masks(self, model: torch.nn.Module, fraction: float) -> dict[str, torch.Tensor]:
+        """The next level's masks: the nominal density's count of weights, or ``fraction`` of the remaining channels."""
+        if self.structure == 'channels':
+            return structured_masks(model, self._example_inputs, fraction, self._previous_masks, self.scope)
+        return masks_at_density(prunable_weights(model, self.ignore, embeddings=self.embeddings),
+                                self._nominal_density, self._previous_masks, self.scope)
 
     def _finished(self) -> bool:
         if self.sparsity_step.finished(self):
@@ -729,6 +850,26 @@ class IMP(Algorithm):
 
 _COUNTERS = ('iteration', 'epoch', 'batch', 'sample', 'token', 'epoch_in_iteration', 'token_in_iteration',
              'batch_in_epoch', 'sample_in_epoch', 'token_in_epoch')
+
+
+def _refuse_parallelism(state: State) -> None:
+    """IMP masks and rewinds whole, unsharded parameters: refuse FSDP and tensor parallelism before they wrap the
+    model (Event.INIT comes before Composer shards it)."""
+    unsupported = [name for name, config in (('fsdp', state.fsdp_config), ('tp', getattr(state, 'tp_config', None)))
+                   if config is not None]
+    if unsupported:
+        raise ValueError(f'parallelism_config: {unsupported} is not supported by IMP, which runs on one device or '
+                         'under DDP (parallelism_config=None); the sharded global threshold exists as '
+                         'composer_imp.functional.distributed.sharded_masks_at_density')
+
+
+def _masks_from_checkpoint(stored: Optional[dict[str, Any]]) -> Optional[dict[str, torch.Tensor]]:
+    """Masks as checkpoints hold them: bit-packed (``pack_masks``), or bool tensors (checkpoints of earlier
+    versions)."""
+    if stored is None:
+        return None
+    return {name: mask if isinstance(mask, torch.Tensor) else unpack_masks({name: mask})[name]
+            for name, mask in stored.items()}
 
 
 def _counters(timestamp: Timestamp) -> dict[str, int]:

@@ -31,8 +31,9 @@ from composer_imp.evaluation import (
     unwrap_model,
     without_persistent_workers,
 )
-from composer_imp.functional import alpha_grid, is_matching, metric_curve, recompute_batchnorm
+from composer_imp.functional import alpha_grid, apply_masks, is_matching, metric_curve, recompute_batchnorm
 from composer_imp.functional.barrier import BN_MODES
+from composer_imp.functional.rewind import move_module_
 
 __all__ = ['LMCEvaluator']
 
@@ -73,6 +74,11 @@ class LMCEvaluator(Callback):
             ``'perplexity'``, ``'cross_entropy'``, or an eval metric's name (higher-is-better ones are measured as
             1 - value). Default ``None``: ``'loss'`` for a language model (an eval metric such as
             ``LanguageCrossEntropy``, ``MaskedAccuracy`` or ``TokenAccuracy``), else ``'error'``.
+        rewind_barrier: also the barrier between the *pruned rewind points* of the parent level and of level L,
+            m_parent ⊙ w_k and m_L ⊙ w_k (the paper prototype's rewind-point barrier), in level L's line:
+            ``lmc/rewind_barrier``, ``lmc/rewind_barrier_max_minus_mean``, ``.../<value>``, ``lmc/rewind_curve``;
+            with ``train_subset_batches`` also ``lmc/train/rewind_barrier/loss`` (the train-loss barrier) and the
+            rest under ``lmc/train/``. Off by default: one more path per level (and a second one on the train subset).
 
     Evaluation goes through the model's own ``forward``/``loss``/``eval_forward``/``update_metric`` with the
     evaluator's metrics, on any batch type (see ``composer_imp.evaluation``). Without IMP in the run the callback does
@@ -93,6 +99,7 @@ class LMCEvaluator(Callback):
         eval_label: Optional[str] = None,
         train_dataloader: Union[DataSpec, Iterable, None] = None,
         metric: Optional[str] = None,
+        rewind_barrier: bool = False,
     ):
         self.alphas = alpha_grid(alphas)
         check_metric_name(metric)
@@ -114,6 +121,7 @@ class LMCEvaluator(Callback):
         self.eval_label = eval_label
         self.train_dataloader = train_dataloader
         self.metric = metric
+        self.rewind_barrier = bool(rewind_barrier)
         self.dense_value: Optional[float] = None  # level 0's headline value on the eval data; checkpointed
         self._imp: Any = None
         self._probe: Optional[nn.Module] = None
@@ -158,6 +166,8 @@ class LMCEvaluator(Callback):
                 result.update(self._report('lmc/train/', self.barrier(state, parent, current, on_train_subset=True)))
         else:
             own = self._scorer(state)(model)
+        if self.rewind_barrier and record['level'] > 0 and self._imp.parent_masks is not None:
+            result.update(self._rewind_point_barriers(state))
         result.update({f'lmc/{name}': value for name, value in own.items()})
         if record['level'] == 0:
             self.dense_value = own[headline]
@@ -167,17 +177,32 @@ class LMCEvaluator(Callback):
                                       else None)
         return result
 
+    def _rewind_point_barriers(self, state: State) -> dict[str, Any]:
+        """The path from the parent level's pruned rewind point to this level's, m_parent ⊙ w_k -> m_L ⊙ w_k."""
+        ticket, device = self._imp.ticket(), next(unwrap_model(state).parameters()).device
+        parent = {name: tensor.to(device) for name, tensor in ticket['rewind_point'].items()}
+        level = {name: tensor.clone() for name, tensor in parent.items()}
+        apply_masks(parent, {name: mask.to(device) for name, mask in self._imp.parent_masks.items()})
+        apply_masks(level, {name: mask.to(device) for name, mask in ticket['masks'].items()})
+        report = self._report('lmc/', self.barrier(state, parent, level), 'rewind_barrier', 'rewind_curve')
+        if self.train_subset_batches:
+            report.update(self._report('lmc/train/', self.barrier(state, parent, level, on_train_subset=True),
+                                       'rewind_barrier', 'rewind_curve'))
+        return report
+
     @staticmethod
-    def _report(prefix: str, curve: Mapping[str, Any]) -> dict[str, Any]:
+    def _report(prefix: str, curve: Mapping[str, Any], barrier: str = 'barrier',
+                curve_key: str = 'curve') -> dict[str, Any]:
         headline = curve['metric']
         report: dict[str, Any] = {
-            f'{prefix}barrier': curve['barrier_linear'][headline],
-            f'{prefix}barrier_max_minus_mean': curve['barrier_max_minus_mean'][headline],
-            f'{prefix}curve': {'alphas': list(curve['alphas']), **{n: list(v) for n, v in curve['values'].items()}},
+            f'{prefix}{barrier}': curve['barrier_linear'][headline],
+            f'{prefix}{barrier}_max_minus_mean': curve['barrier_max_minus_mean'][headline],
+            f'{prefix}{curve_key}': {'alphas': list(curve['alphas']),
+                                     **{n: list(v) for n, v in curve['values'].items()}},
         }
         for name in curve['values']:
-            report[f'{prefix}barrier/{name}'] = curve['barrier_linear'][name]
-            report[f'{prefix}barrier_max_minus_mean/{name}'] = curve['barrier_max_minus_mean'][name]
+            report[f'{prefix}{barrier}/{name}'] = curve['barrier_linear'][name]
+            report[f'{prefix}{barrier}_max_minus_mean/{name}'] = curve['barrier_max_minus_mean'][name]
         return report
 
     # ------------------------------------------------------------------ evaluation
@@ -191,11 +216,18 @@ class LMCEvaluator(Callback):
         ``barrier_linear``, ``barrier_max_minus_mean``, keyed by value) plus ``metric``, the headline value's name.
         The run's own model, data order and RNG are left untouched.
         """
+        model = unwrap_model(state)
         if self._probe is None:
-            self._probe = copy.deepcopy(unwrap_model(state))  # one probe for the whole run, rewritten at every point
+            self._probe = copy.deepcopy(model)  # one probe for the whole run, rewritten at every point
+        # The probe lives where IMP keeps its transition-only copies (IMP(offload=...), host memory by default).
+        move_module_(self._probe, next(model.parameters()).device)
         recalibrate = self._recompute_batchnorm(state) if self.bn == 'recompute' else None
-        curve = metric_curve(self._probe, state_a, state_b, self.alphas, self._scorer(state, on_train_subset),
-                             recalibrate)
+        try:
+            curve = metric_curve(self._probe, state_a, state_b, self.alphas, self._scorer(state, on_train_subset),
+                                 recalibrate)
+        finally:
+            if getattr(self._imp, 'offload', 'cpu') == 'cpu':
+                move_module_(self._probe, 'cpu')
         return {'metric': self._resolved_values(state)[0].name, **curve}
 
     def _resolved_values(self, state: State) -> list[Value]:

@@ -1,0 +1,84 @@
+"""The global magnitude threshold over weights sharded across gloo ranks (composer_imp.functional.distributed) gives
+every rank exactly its slice of the single-process masks, ties included, with uneven (and empty) shards."""
+import os
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+from composer_imp.functional import masks_at_density
+from composer_imp.functional.distributed import sharded_masks_at_density
+
+SHAPES = {'conv.weight': (16, 8, 3, 3), 'fc1.weight': (300, 40), 'fc2.weight': (10, 300), 'head.weight': (7, 5)}
+# (densities of two successive levels, how the weights are drawn): continuous, and few distinct magnitudes (ties)
+CASES = [((0.8, 0.5), 'normal'), ((0.7, 0.33), 'ties'), ((0.5, 0.2), 'zeros_and_ties')]
+
+
+def _weights(kind: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(len(kind))
+    weights = {}
+    for name, shape in SHAPES.items():
+        w = torch.randn(shape, generator=generator)
+        if kind != 'normal':
+            w = torch.randint(-3, 4, shape, generator=generator).float() * 0.25  # 4 magnitudes, thousands of ties
+        if kind == 'zeros_and_ties':
+            w[:, :1] = 0.0
+        weights[name] = w
+    return weights
+
+
+def _shard_bounds(total: int, world: int) -> list[tuple[int, int]]:
+    """Uneven contiguous slices of the flat order; with 4 ranks, rank 2 holds nothing."""
+    cuts = {2: [0, total // 3, total], 4: [0, total // 5, total // 2, total // 2, total]}[world]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _shard(tensors: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """This rank's pieces of the flat concatenation [start, stop), named by tensor, cut at tensor boundaries."""
+    pieces, offset = {}, 0
+    for name, t in tensors.items():
+        lo, hi = max(start, offset), min(stop, offset + t.numel())
+        if lo < hi:
+            pieces[name] = t.flatten()[lo - offset:hi - offset]
+        offset += t.numel()
+    return pieces
+
+
+def _worker(rank: int, world: int, store_file: str, out_dir: str) -> None:
+    torch_dist.init_process_group('gloo', init_method=f'file://{store_file}', rank=rank, world_size=world)
+    try:
+        results = []
+        for densities, kind in CASES:
+            weights = _weights(kind)
+            start, stop = _shard_bounds(sum(w.numel() for w in weights.values()), world)[rank]
+            shard, masks = _shard(weights, start, stop), None
+            levels = []
+            for density in densities:
+                masks = sharded_masks_at_density(shard, density, masks)
+                levels.append(masks)
+            results.append(levels)
+        torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('world', [2, 4])
+def test_sharded_masks_equal_the_single_process_slices_ties_included(world, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / 'store'), str(tmp_path)), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(world)]
+    for case, (densities, kind) in enumerate(CASES):
+        weights = _weights(kind)
+        bounds = _shard_bounds(sum(w.numel() for w in weights.values()), world)
+        reference = None
+        for level, density in enumerate(densities):
+            reference = masks_at_density(weights, density, reference, scope='global')
+            kept = sum(int(m.sum()) for m in reference.values())
+            assert kept == round(density * sum(w.numel() for w in weights.values()))
+            for rank, (start, stop) in enumerate(bounds):
+                expected = _shard(reference, start, stop)
+                got = per_rank[rank][case][level]
+                assert list(got) == list(expected), (kind, level, rank)
+                for name in expected:
+                    assert got[name].dtype == torch.bool
+                    assert torch.equal(got[name], expected[name]), (kind, level, rank, name)
