@@ -2,12 +2,37 @@
 from __future__ import annotations
 
 import functools
+import socket
 
 import torch
 from composer.models import ComposerClassifier
 from composer.utils import dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """A gloo process group in a spawned test worker. TCP, not a file store: file:// groups hung here 3 runs in 4
+    when two tests spawned groups one after the other; one torch thread per rank, as ranks outnumber the cores."""
+    import torch.distributed as torch_dist
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+
+
+def finish_gloo() -> None:
+    """End a spawned test worker's group: a barrier, and no ``destroy_process_group``. Destroying a gloo group races
+    with rank 0's exit, which takes the TCP store down: the other rank then waited forever in destroy (seen in the full
+    suite). Process exit frees the group."""
+    import torch.distributed as torch_dist
+
+    torch_dist.barrier()
 
 
 @functools.lru_cache(maxsize=None)

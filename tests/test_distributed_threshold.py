@@ -4,11 +4,11 @@ import os
 
 import pytest
 import torch
-import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from composer_imp.functional import masks_at_density
 from composer_imp.functional.distributed import sharded_masks_at_density
+from helpers import finish_gloo, free_port, init_gloo
 
 SHAPES = {'conv.weight': (16, 8, 3, 3), 'fc1.weight': (300, 40), 'fc2.weight': (10, 300), 'head.weight': (7, 5)}
 # (densities of two successive levels, how the weights are drawn): continuous, and few distinct magnitudes (ties)
@@ -45,8 +45,8 @@ def _shard(tensors: dict[str, torch.Tensor], start: int, stop: int) -> dict[str,
     return pieces
 
 
-def _worker(rank: int, world: int, store_file: str, out_dir: str) -> None:
-    torch_dist.init_process_group('gloo', init_method=f'file://{store_file}', rank=rank, world_size=world)
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    init_gloo(rank, world, port)
     try:
         results = []
         for densities, kind in CASES:
@@ -60,12 +60,12 @@ def _worker(rank: int, world: int, store_file: str, out_dir: str) -> None:
             results.append(levels)
         torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
     finally:
-        torch_dist.destroy_process_group()
+        finish_gloo()
 
 
 @pytest.mark.parametrize('world', [2, 4])
 def test_sharded_masks_equal_the_single_process_slices_ties_included(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / 'store'), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     per_rank = [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(world)]
     for case, (densities, kind) in enumerate(CASES):
         weights = _weights(kind)

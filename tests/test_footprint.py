@@ -22,7 +22,7 @@ from composer.optim import CosineAnnealingScheduler
 from composer_imp import IMP
 from composer_imp.callbacks import LMCEvaluator
 from composer_imp.functional.ticket import REWIND_POINT_FILE
-from helpers import digits_loader, small_cnn
+from helpers import digits_loader, finish_gloo, free_port, init_gloo, small_cnn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
 from memory import HostCopies  # noqa: E402 - the accounting benchmarks/memory.py reports with
@@ -191,11 +191,9 @@ def test_a_recipe_sets_where_the_copies_live_and_refuses_an_unknown_place(tmp_pa
         _build_algorithms(recipe, str(tmp_path))
 
 
-def _read_on_ranks(rank, world, store, folder, references, out):
-    import torch.distributed as torch_dist
-
+def _read_on_ranks(rank, world, port, folder, references, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    torch_dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     results = []
     for reference in references:
         imp = IMP(levels=1)
@@ -207,7 +205,7 @@ def _read_on_ranks(rank, world, store, folder, references, out):
         except ValueError as error:
             results.append(str(error))
     torch.save(results, os.path.join(out, f'rank{rank}.pt'))
-    torch_dist.destroy_process_group()
+    finish_gloo()
 
 
 def test_rank_0_reads_a_referenced_file_for_every_rank_and_a_refusal_reaches_them_all(tmp_path):
@@ -218,7 +216,7 @@ def test_rank_0_reads_a_referenced_file_for_every_rank_and_a_refusal_reaches_the
     point = {'w': torch.arange(6.0).view(2, 3), 'n': torch.tensor(3)}
     save_rewind_point(str(tmp_path), point, rewind_batch=2)
     good = file_reference(str(tmp_path), REWIND_POINT_FILE, 'state_dict')
-    mp.spawn(_read_on_ranks, args=(2, str(tmp_path / 'store'), str(tmp_path), [good, {**good, 'sha256': '0' * 64}],
+    mp.spawn(_read_on_ranks, args=(2, free_port(), str(tmp_path), [good, {**good, 'sha256': '0' * 64}],
                                    str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         loaded, refused = torch.load(tmp_path / f'rank{rank}.pt')
