@@ -13,12 +13,20 @@ parent level's state and the probe model are then on the device). The transition
 ``masks_at_density`` (one float32 magnitude per prunable weight and the new masks) are not held by IMP and not counted.
 Checkpoints: ``Trainer.save_checkpoint`` at the end of each run (goal: IMP's <= 1.1x the plain run's, plus one rewind
 point on disk in IMP's folder).
+
+FSDP2: the same two models, plain and with IMP, under Composer's FSDP2 on two gloo ranks
+(``composer -n 2 benchmarks/memory.py --fsdp OUT.json``, which ``run()`` launches): bytes per prunable weight *of the
+rank's shards*, counted on rank 0 as above (IMP's local views share the parameters' storage and are not counted), and
+the sharded checkpoint folders' sizes (every rank's files), plus IMP's per-rank files on disk.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import types
@@ -33,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from composer_imp import IMP
 from composer_imp.callbacks import LMCEvaluator
+from composer_imp.functional.shards import local
 
 LEVEL_BATCHES, REWIND_BATCHES = 3, 1
 _rewind = importlib.import_module('composer_imp.functional.rewind')
@@ -112,7 +121,7 @@ class HostCopies:
                   [p._backward_hooks for p in state.model.parameters()]], found, set())
         streamed: dict[int, int] = {}
         storages(imp._parent_on_device, streamed, set())
-        own = {t.untyped_storage().data_ptr() for t in state.model.state_dict(keep_vars=True).values()}
+        own = {local(t).untyped_storage().data_ptr() for t in state.model.state_dict(keep_vars=True).values()}
         host = ({t.untyped_storage().data_ptr() for t in self.copies} | self.parked) - set(streamed)
         return sum(n for ptr, n in found.items() if ptr not in own and ptr not in host)
 
@@ -166,7 +175,14 @@ def _gpt2():
     return model, DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None), 2
 
 
-def _fit(build, with_imp: bool, folder: str) -> dict[str, Any]:
+def _size(path: str) -> int:
+    """A file's size, or the total size of the files under a folder (a sharded checkpoint)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def _fit(build, with_imp: bool, folder: str, fsdp: bool = False) -> dict[str, Any]:
     model, train, evaluation, batch_size = build()
     host = HostCopies().install()
     probe = Probe(host)
@@ -185,45 +201,88 @@ def _fit(build, with_imp: bool, folder: str) -> dict[str, Any]:
                           optimizers=torch.optim.Adam(model.parameters(), lr=1e-4),
                           algorithms=algorithms if with_imp else [],
                           callbacks=[LMCEvaluator(alphas=2), probe] if with_imp else [], progress_bar=False,
-                          device_train_microbatch_size=batch_size, device='cpu', seed=1, run_name='memory')
+                          device_train_microbatch_size=batch_size, device='cpu', seed=1, run_name='memory',
+                          parallelism_config={'fsdp': _fsdp_config()} if fsdp else None)
         trainer.fit()
-        path = os.path.join(folder, 'checkpoint.pt')
-        trainer.save_checkpoint(path)
-        result = {'checkpoint_bytes': os.path.getsize(path)}
+        saved = trainer.save_checkpoint(os.path.join(folder, 'checkpoint.pt'))
+        # a sharded checkpoint is a folder of every rank's files (only ranks that wrote one get its name back)
+        path = saved if not fsdp else os.path.dirname(next(p for p in _all_gathered(saved) if p))
+        result = {'checkpoint_bytes': _size(path)}
         if with_imp:
             imp = trainer.state.algorithms[0]
+            shards = os.path.join(folder, 'imp', 'shards')
             result.update(weights=sum(m.numel() for m in imp.masks.values()),
                           during_level=max(probe.during_level), transition=max(probe.transition),
                           transition_s=max(probe.transition_seconds),
-                          rewind_point_bytes=os.path.getsize(os.path.join(folder, 'imp', 'rewind_point.pt')))
+                          rewind_point_bytes=os.path.getsize(os.path.join(folder, 'imp', 'rewind_point.pt')),
+                          shard_file_bytes=_size(shards) if os.path.isdir(shards) else 0)
         trainer.close()
-        os.remove(path)
         return result
     finally:
         _lmc.metric_curve = lmc_curve
         host.uninstall()
 
 
-def run() -> dict[str, Any]:
+def _fsdp_config():
+    from composer.utils.parallelism import FSDP2Config
+
+    return FSDP2Config()
+
+
+def _all_gathered(value: Any) -> list:
+    from composer.utils import dist
+
+    return dist.all_gather_object(value)
+
+
+def _measure(fsdp: bool, folder: str) -> dict[str, Any]:
     results: dict[str, Any] = {}
+    prefix = 'fsdp2_' if fsdp else ''
     for name, build in (('resnet50', _resnet50), ('gpt2_small', _gpt2)):
-        with tempfile.TemporaryDirectory() as tmp:
-            plain = _fit(build, False, os.path.join(tmp, 'plain'))
-            imp = _fit(build, True, os.path.join(tmp, 'imp'))
+        plain = _fit(build, False, os.path.join(folder, name, 'plain'), fsdp)
+        imp = _fit(build, True, os.path.join(folder, name, 'imp'), fsdp)
         weights = imp['weights']
         results.update({
-            f'{name}_prunable_weights': weights,
-            f'{name}_device_bytes_per_weight_during_level': imp['during_level'] / weights,
-            f'{name}_device_bytes_per_weight_at_transition': imp['transition'] / weights,
-            f'{name}_transition_s': imp['transition_s'],
-            f'{name}_plain_checkpoint_bytes': plain['checkpoint_bytes'],
-            f'{name}_imp_checkpoint_bytes': imp['checkpoint_bytes'],
-            f'{name}_checkpoint_ratio': imp['checkpoint_bytes'] / plain['checkpoint_bytes'],
-            f'{name}_rewind_point_bytes': imp['rewind_point_bytes'],
+            f'{prefix}{name}_prunable_weights': weights,
+            f'{prefix}{name}_device_bytes_per_weight_during_level': imp['during_level'] / weights,
+            f'{prefix}{name}_device_bytes_per_weight_at_transition': imp['transition'] / weights,
+            f'{prefix}{name}_transition_s': imp['transition_s'],
+            f'{prefix}{name}_plain_checkpoint_bytes': plain['checkpoint_bytes'],
+            f'{prefix}{name}_imp_checkpoint_bytes': imp['checkpoint_bytes'],
+            f'{prefix}{name}_checkpoint_ratio': imp['checkpoint_bytes'] / plain['checkpoint_bytes'],
+            f'{prefix}{name}_rewind_point_bytes': imp['rewind_point_bytes'],
         })
+        if fsdp:
+            results[f'{prefix}{name}_shard_file_bytes'] = imp['shard_file_bytes']
+    return results
+
+
+def run() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        results = _measure(False, tmp)
+        out = os.path.join(tmp, 'fsdp.json')
+        launcher = os.path.join(os.path.dirname(sys.executable), 'composer')
+        done = subprocess.run([launcher, '-n', '2', '--stdout', os.devnull, '--stderr', os.devnull, __file__,
+                               '--fsdp', out], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f'memory.py --fsdp failed: {done.stderr[-2000:]}')
+        with open(out) as f:
+            results.update(json.load(f))
     return results
 
 
 if __name__ == '__main__':
-    for key, value in run().items():
-        print(f'{key}: {value:.4g}' if isinstance(value, float) else f'{key}: {value}')
+    if sys.argv[1:2] == ['--fsdp']:  # one rank of `composer -n 2 memory.py --fsdp OUT`
+        from composer.utils import dist
+
+        dist.initialize_dist('cpu')
+        with tempfile.TemporaryDirectory() as local_tmp:
+            folder = _all_gathered(local_tmp)[0]  # rank 0's folder: one run folder for both ranks
+            measured = _measure(True, folder)
+            if dist.get_global_rank() == 0:
+                with open(sys.argv[2], 'w') as f:
+                    json.dump(measured, f)
+            dist.barrier()
+    else:
+        for key, value in run().items():
+            print(f'{key}: {value:.4g}' if isinstance(value, float) else f'{key}: {value}')

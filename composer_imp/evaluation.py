@@ -32,6 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics import Metric
 
+from composer_imp.functional.shards import reshard
+
 __all__ = ['unwrap_model', 'evaluate', 'preserve_rng', 'seeded_rng', 'preserve_loader_generators', 'DeviceBatches',
            'sum_over_ranks', 'without_persistent_workers', 'Value', 'resolve_value', 'resolve_values',
            'check_metric_name', 'Scorer', 'samples_in_batch', 'find_evaluator', 'evaluator_batches', 'train_batches',
@@ -39,9 +41,10 @@ __all__ = ['unwrap_model', 'evaluate', 'preserve_rng', 'seeded_rng', 'preserve_l
 
 
 def unwrap_model(state: State) -> torch.nn.Module:
-    """The user's model: ``state.model`` without its DDP wrapper (never by stripping a ``module.`` prefix)."""
+    """The user's model: ``state.model`` without its DDP wrapper (never by stripping a ``module.`` prefix), with its
+    FSDP2 units sharded (``shards.reshard``: after an evaluation pass FSDP2 leaves the root unit's weights gathered)."""
     model = state.model
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    return reshard(model.module if isinstance(model, DistributedDataParallel) else model)
 
 
 @contextlib.contextmanager

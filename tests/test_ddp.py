@@ -15,14 +15,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: str, *args: str) -> None:
+def launch(script: str, *args: str, returncode: int = 0) -> None:
+    """``composer -n 2 script *args`` (gloo on CPU); ``args[0]`` is the output folder, where each rank's stderr goes.
+    Asserts the launcher's exit status (``returncode``: a run that ends every rank with ``os._exit(3)`` exits 3)."""
     launcher = os.path.join(os.path.dirname(sys.executable), 'composer')
     result = subprocess.run([launcher, '-n', '2', '--master_port', str(free_port()), '--stdout', os.devnull,
                              '--stderr', os.path.join(args[0], 'stderr_{rank}.txt'), os.path.join(HERE, script),
                              *args], capture_output=True, text=True, timeout=600)
     logs = ''.join(open(os.path.join(args[0], f'stderr_{r}.txt')).read()[-3000:] for r in range(2)
                    if os.path.exists(os.path.join(args[0], f'stderr_{r}.txt')))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:] + logs
+    assert result.returncode == returncode, result.stdout[-2000:] + result.stderr[-2000:] + logs
 
 
 def test_two_rank_ddp_gives_identical_masks_rewind_points_and_weights(tmp_path):

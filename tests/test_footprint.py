@@ -158,29 +158,6 @@ def test_a_missing_or_altered_referenced_file_is_refused_in_one_line(runs, tmp_p
     assert ('which is missing' if damage == 'missing' else 'SHA-256') in message
 
 
-@pytest.mark.parametrize('config', [{'fsdp': {}}, {'fsdp': {}, 'tp': {'tensor_parallel_degree': 1}}])
-def test_fsdp_and_tensor_parallelism_are_refused_at_trainer_construction(config):
-    import torch.distributed as torch_dist
-
-    # Composer starts a one-rank process group and sets these for it; later tests spawn process groups of their own.
-    added = [name for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR',
-                               'MASTER_PORT') if name not in os.environ]
-    try:
-        _refused(config)
-    finally:
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
-        for name in added:
-            os.environ.pop(name, None)
-
-
-def _refused(config):
-    with pytest.raises(ValueError, match=r'^parallelism_config: \[.fsdp.*not supported by IMP.*distributed') as error:
-        Trainer(model=small_cnn(), train_dataloader=digits_loader(image=True), max_duration='2ba',
-                algorithms=[IMP(levels=1)], parallelism_config=config, device='cpu', progress_bar=False)
-    assert '\n' not in str(error.value)
-
-
 def test_a_recipe_sets_where_the_copies_live_and_refuses_an_unknown_place(tmp_path):
     from composer_imp.recipes.build import RecipeError, _build_algorithms
 

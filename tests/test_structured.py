@@ -135,6 +135,108 @@ def test_ignored_weights_stay_whole_and_keep_their_coupled_channels():
     assert dead_out(masks['module.blocks.2.conv1.weight'])  # other groups are pruned
 
 
+def kept_units(groups, masks):
+    """{group root: (group, alive units)} of ``groups`` (``channel_groups``) under ``masks``; a unit is alive while any
+    of its entries is."""
+    kept = {}
+    for group in groups:
+        alive = torch.zeros(group.units, dtype=torch.bool)
+        for m in group.members:
+            alive[m.unit[masks[m.weight].movedim(m.dim, 0).flatten(1).any(1)[m.index]]] = True
+        kept[group.root] = (group, int(alive.sum()))
+    return kept
+
+
+def round_up(count, multiple, cap):
+    return min(-(-count // multiple) * multiple, cap)
+
+
+def test_round_to_keeps_a_multiple_of_8_channels_per_group_and_residual_streams_stay_coupled():
+    model = resnet20()
+    groups = channel_groups(model, image_batch(), all_alive(model))
+    plain = kept_units(groups, structured_masks(model, image_batch(), 0.3, all_alive(model)))
+    masks = structured_masks(model, image_batch(), 0.3, all_alive(model), round_to=8)
+    rounded = kept_units(groups, masks)
+    assert any(count % 8 for _, count in plain.values())  # without rounding, counts like 11 or 23
+    for root, (group, count) in rounded.items():  # the chosen units' count rounded up, never more pruned than asked
+        assert count == round_up(plain[root][1], 8, group.units) and (count % 8 == 0 or count == group.units), root
+    assert sum(count for _, count in rounded.values()) < sum(group.units for group, _ in rounded.values())
+    stream = dead_out(masks['module.blocks.3.conv2.weight'])
+    assert 0 < len(stream) < 32 and len(stream) % 8 == 0
+    for writer in ('blocks.3.shortcut.0', 'blocks.4.conv2', 'blocks.5.conv2'):
+        assert dead_out(masks[f'module.{writer}.weight']) == stream
+    for reader in ('blocks.4.conv1', 'blocks.5.conv1', 'blocks.6.conv1', 'blocks.6.shortcut.0'):
+        assert dead_in(masks[f'module.{reader}.weight']) == stream
+    for mask in masks.values():
+        assert_whole(mask)
+    apply_masks(model, masks)
+    exported = export_ticket(model, masks, image_batch())
+    convs = [m for m in exported.modules() if isinstance(m, nn.Conv2d)]
+    assert all(conv.out_channels % 8 == 0 for conv in convs) and any(conv.out_channels < 64 for conv in convs[-6:])
+
+
+@pytest.mark.parametrize('scope', ['global', 'layerwise'])
+def test_rounded_levels_nest_and_never_revive_a_channel(scope):
+    """Level 1 without rounding leaves counts like 11 or 23; rounding up at levels 2 and 3 keeps at most those."""
+    model = resnet8()
+    masks, rounds, capped = all_alive(model), 0, 0
+    groups = channel_groups(model, image_batch(), masks)
+    before = kept_units(groups, masks)
+    for level, round_to in ((1, 1), (2, 8), (3, 8)):
+        plain = kept_units(groups, structured_masks(model, image_batch(), 0.6, masks, scope))
+        new = structured_masks(model, image_batch(), 0.6, masks, scope, round_to=round_to)
+        assert all(not (new[n] & ~masks[n]).any() for n in masks), level  # nothing pruned comes back
+        after = kept_units(groups, new)
+        for root, (group, count) in after.items():
+            alive = before[root][1]
+            assert 0 < count == round_up(plain[root][1], round_to, alive) <= alive, (level, root)
+            assert count % round_to == 0 or count == alive, (level, root)
+            rounds += count != plain[root][1]
+            capped += round_up(plain[root][1], round_to, group.units) > alive  # the next multiple would revive
+        apply_masks(model, new)
+        masks, before = new, after
+    assert rounds and capped  # both cases happened: rounded up to a multiple, and held at an alive non-multiple
+
+
+@pytest.mark.parametrize('scope, kept, dead', [
+    ('global', {'module.blocks.2.shortcut.0': 39, 'module.blocks.1.shortcut.0': 23, 'module.conv': 12,
+                'module.blocks.0.conv1': 12, 'module.blocks.1.conv1': 23, 'module.blocks.2.conv1': 48},
+     [4, 9, 13, 15, 18, 25, 27, 28, 29, 33, 34, 47, 49, 50, 57, 63]),
+    ('layerwise', {'module.blocks.2.shortcut.0': 45, 'module.blocks.1.shortcut.0': 22, 'module.conv': 11,
+                   'module.blocks.0.conv1': 11, 'module.blocks.1.conv1': 22, 'module.blocks.2.conv1': 45},
+     [4, 7, 9, 13, 15, 16, 18, 25, 27, 28, 29, 33, 34, 47, 49, 50, 51, 57, 63]),
+])
+def test_round_to_1_prunes_what_structured_masks_pruned_before_rounding_existed(scope, kept, dead):
+    model = resnet8()
+    masks = structured_masks(model, image_batch(), 0.3, all_alive(model), scope, round_to=1)
+    default = structured_masks(model, image_batch(), 0.3, all_alive(model), scope)
+    assert all(torch.equal(masks[n], default[n]) for n in masks)
+    groups = channel_groups(model, image_batch(), masks)
+    assert {root: count for root, (_, count) in kept_units(groups, masks).items()} == kept
+    assert sorted(dead_out(masks['module.blocks.2.conv1.weight'])) == dead
+
+
+def test_round_to_leaves_attention_heads_alone_and_rounds_the_feed_forward_channels():
+    torch.manual_seed(0)
+    model = TinyBert().eval()
+    inputs = (torch.randint(0, 50, (4, 8)),)
+    plain = structured_masks(model, inputs, 0.5, all_alive(model))
+    rounded = structured_masks(model, inputs, 0.5, all_alive(model), round_to=8)
+    for layer in range(2):
+        query = f'bert.bert.encoder.layer.{layer}.attention.self.query.weight'
+        assert dead_out(rounded[query]) == dead_out(plain[query])  # 4 heads of 4 channels: not rounded to 8
+        intermediate = rounded[f'bert.bert.encoder.layer.{layer}.intermediate.dense.weight']
+        assert len(dead_out(intermediate)) % 8 == 0 < len(dead_out(intermediate))
+
+
+@pytest.mark.parametrize('round_to', [0, -8, 2.5, True, '8', None])
+def test_a_bad_round_to_is_refused_with_one_clear_error(round_to):
+    model = small_cnn()
+    with pytest.raises(ValueError, match=r'round_to: .* is not allowed; use an integer >= 1'):
+        structured_masks(model, ((torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)),), 0.5,
+                         all_alive(model), round_to=round_to)
+
+
 @pytest.mark.parametrize('make, inputs', [
     (resnet20, image_batch()),
     (lambda: randomize_batchnorm(DepthwiseNet()).eval(), (torch.randn(4, 3, 16, 16),)),
@@ -282,11 +384,26 @@ def test_two_rank_ddp_gives_identical_structured_masks(tmp_path):
         assert all(torch.equal(rank0[key][k], rank1[key][k]) for k in rank0[key])
 
 
+def test_imp_rounds_every_level_to_multiples_of_8_channels(tmp_path):
+    """small_cnn's convs have 8 and 16 channels: with round_to=8 each keeps 8 or all of them, never e.g. 4 or 12."""
+    structured_run(tmp_path, round_to=8)
+    for level in (1, 2):
+        masks = torch.load(tmp_path / 'imp' / f'level_{level}' / 'mask.pt')['masks']
+        assert_coupled(masks)
+        kept = [8 - len(dead_out(masks['module.0.weight'])), 16 - len(dead_out(masks['module.3.weight']))]
+        assert all(count % 8 == 0 and count > 0 for count in kept), (level, kept)
+        assert kept != [8, 16]  # something was pruned
+
+
 def test_bad_structure_and_scope_are_refused_at_construction():
     with pytest.raises(ValueError, match=r"structure: 'filters' is not allowed; use one of \('weights', 'channels'\)"):
         IMP(levels=1, structure='filters')
     with pytest.raises(ValueError, match=r"scope: 'lamp' is not allowed with structure='channels'"):
         IMP(levels=1, structure='channels', scope='lamp')
+    with pytest.raises(ValueError, match=r"round_to: 8 applies to structure='channels' only"):
+        IMP(levels=1, round_to=8)
+    with pytest.raises(ValueError, match=r'round_to: 0 is not allowed; use an integer >= 1'):
+        IMP(levels=1, structure='channels', round_to=0)
 
 
 class Untraceable(nn.Module):

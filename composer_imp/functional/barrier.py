@@ -30,6 +30,7 @@ from composer_imp.functional.interpolate import (
     training_mode,
 )
 from composer_imp.functional.rewind import rewind, snapshot
+from composer_imp.functional.shards import global_sum, is_sharded, local_state
 
 __all__ = [
     'BN_MODES',
@@ -188,9 +189,11 @@ def metric_curve(model: nn.Module, state_a: Mapping[str, Any], state_b: Mapping[
 
 
 def _finite_state(model: nn.Module) -> bool:
-    """Whether every floating parameter and buffer of ``model`` is finite (one host sync per point)."""
-    tensors = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
-    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    """Whether every floating parameter and buffer of ``model`` is finite (one host sync per point; with sharded
+    parameters, one all-reduce, so every rank gets the same answer)."""
+    tensors = [t for t in local_state(model).values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    bad = int(torch.stack([torch.count_nonzero(~torch.isfinite(t)) for t in tensors]).sum()) if tensors else 0
+    return global_sum([bad], is_sharded(model))[0] == 0
 
 
 def _check_not_empty(name: str, loader: Iterable[Any]) -> None:

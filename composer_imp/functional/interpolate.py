@@ -15,12 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from composer_imp.functional.shards import local_state
+
 __all__ = ['check_endpoints', 'interpolate_state', 'load_interpolated_', 'recompute_batchnorm', 'training_mode']
 
 
 def check_endpoints(state_a: Mapping[str, Any], state_b: Mapping[str, Any], model: nn.Module | None = None) -> None:
     """Raise ``ValueError`` unless the two state dicts (and ``model``'s, if given) have the same keys and shapes."""
-    pairs = [('state_b', state_b)] + ([('model', model.state_dict())] if model is not None else [])
+    pairs = [('state_b', state_b)] + ([('model', local_state(model))] if model is not None else [])
     for label, other in pairs:
         if set(other) != set(state_a):
             missing, extra = sorted(set(state_a) - set(other)), sorted(set(other) - set(state_a))
@@ -58,10 +60,11 @@ def load_interpolated_(model: nn.Module, state_a: Mapping[str, Any], state_b: Ma
     """Write the point at ``alpha`` into ``model``'s own parameters and buffers, in place (no new state dict).
 
     Same values as :func:`interpolate_state`. Keep both endpoints on the model's device and dtype (as
-    :func:`~composer_imp.functional.error_barrier` does) and no tensor is allocated.
+    :func:`~composer_imp.functional.error_barrier` does) and no tensor is allocated. Of a model with sharded parameters,
+    the endpoints hold this rank's shards (``shards.local``).
     """
     check_endpoints(state_a, state_b, model)
-    for name, target in model.state_dict(keep_vars=True).items():
+    for name, target in local_state(model).items():
         a, b = state_a[name], state_b[name]
         if not isinstance(target, torch.Tensor):
             continue  # a module's ``_extra_state``: not part of the path

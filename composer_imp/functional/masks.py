@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from composer_imp.functional.shards import local, local_parameters
+
 __all__ = [
     'EMBEDDING_TYPES',
     'MULTIHEAD_WEIGHT_NAMES',
@@ -348,8 +350,9 @@ def masks_at_density(
 
 @torch.no_grad()
 def apply_masks(weights: Mapping[str, torch.Tensor] | nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Set pruned weights to exactly 0.0 in place (``masked_fill_``, so even inf/NaN become 0)."""
-    tensors = dict(weights.named_parameters()) if isinstance(weights, nn.Module) else weights
+    """Set pruned weights to exactly 0.0 in place (``masked_fill_``, so even inf/NaN become 0). Of a module with sharded
+    parameters, ``masks`` hold this rank's shards (``shards.local``)."""
+    tensors = local_parameters(weights) if isinstance(weights, nn.Module) else weights
     for name, mask in masks.items():
         tensors[name].masked_fill_(~mask, 0.0)
 
@@ -361,7 +364,7 @@ def mask_gradients(weights: Mapping[str, torch.Tensor] | nn.Module, masks: Mappi
     for name, mask in masks.items():
         grad = tensors[name].grad
         if grad is not None:
-            grad.masked_fill_(~mask, 0.0)
+            local(grad).masked_fill_(~mask, 0.0)
 
 
 def alive_count(masks: Mapping[str, torch.Tensor]) -> int:

@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from composer_imp.functional.masks import apply_masks
+from composer_imp.functional.shards import local, local_state, sharded_like
 
 __all__ = ['OFFLOAD', 'snapshot', 'rewind', 'snapshot_optimizer', 'rewind_optimizer', 'stored_copy', 'move_module_']
 
@@ -24,7 +26,7 @@ def _pinned() -> bool:
 
 
 def _stored_tensor(tensor: torch.Tensor, offload: str, device: torch.device | str | None) -> torch.Tensor:
-    tensor = tensor.detach()
+    tensor = local(tensor.detach())  # a sharded tensor keeps this rank's shard
     if offload == 'device':
         return tensor.to(device=device, copy=True)
     # One copy straight into (pinned) host memory: no transient copy on the device.
@@ -34,7 +36,7 @@ def _stored_tensor(tensor: torch.Tensor, offload: str, device: torch.device | st
 def stored_copy(obj: Any, offload: str, device: torch.device | str | None = None) -> Any:
     """A copy of ``obj`` (a tensor, or dicts/lists/tuples holding tensors and plain values) whose tensors live where
     ``offload`` says (``OFFLOAD``; ``'device'``: on ``device``, default each tensor's own); never aliased with
-    ``obj``'s tensors."""
+    ``obj``'s tensors. Of a sharded (``DTensor``) tensor, this rank's shard is copied (``shards.local``)."""
     if offload not in OFFLOAD:
         raise ValueError(f'offload: {offload!r} is not allowed; use one of {OFFLOAD}')
     if isinstance(obj, torch.Tensor):
@@ -62,9 +64,10 @@ def move_module_(module: nn.Module, device: torch.device | str) -> nn.Module:
 def snapshot(model: nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """A detached copy of ``model.state_dict()``: weights, biases, normalization parameters and running statistics.
 
-    Cloned, never aliased: later training cannot change a snapshot (BERT-Tickets#19).
+    Cloned, never aliased: later training cannot change a snapshot (BERT-Tickets#19). Of sharded parameters, this
+    rank's shards (``shards.local``).
     """
-    return {name: t.detach().to(device=device, copy=True) for name, t in model.state_dict().items()}
+    return {name: t.detach().to(device=device, copy=True) for name, t in local_state(model).items()}
 
 
 @torch.no_grad()
@@ -72,10 +75,11 @@ def rewind(model: nn.Module, rewind_point: Mapping[str, torch.Tensor], masks: Ma
     """Copy ``rewind_point`` into ``model`` in place, then prune it with ``masks``.
 
     In place (``copy_``) so that optimizers, DDP and anything else holding the parameters keep working. A tied tensor
-    (one tensor under several ``state_dict`` keys) is copied once; its entries must be equal.
+    (one tensor under several ``state_dict`` keys) is copied once; its entries must be equal. Of sharded parameters,
+    ``rewind_point`` and ``masks`` hold this rank's shards (``shards.local``).
     Raises ``ValueError`` when the keys or shapes do not fit the model.
     """
-    state = model.state_dict(keep_vars=True)
+    state = local_state(model)
     if set(state) != set(rewind_point):
         missing, extra = sorted(set(state) - set(rewind_point)), sorted(set(rewind_point) - set(state))
         raise ValueError(f'rewind point: keys do not match the model (missing {missing}, unexpected {extra})')
@@ -108,12 +112,19 @@ def rewind_optimizer(optimizer: torch.optim.Optimizer, optimizer_snapshot: Mappi
 
     ``masks_by_param`` (parameter -> bool mask) zeroes the restored per-weight state of pruned weights, so momentum
     saved before pruning cannot push them (it would be undone at the next mask, but it would be wasted work).
+    A sharded parameter's state was snapshotted as this rank's shard; it is restored as a ``DTensor`` laid out as
+    the parameter, and its mask is this rank's shard.
     """
     if optimizer_snapshot is None:
         optimizer.state.clear()
         return
     optimizer.load_state_dict(copy.deepcopy(dict(optimizer_snapshot)))
+    for param, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and not isinstance(value, DTensor) \
+                    and value.shape == local(param).shape:
+                param_state[key] = sharded_like(value, param)
     for param, mask in (masks_by_param or {}).items():
         for value in optimizer.state.get(param, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                value.masked_fill_(~mask, 0)
+            if isinstance(value, torch.Tensor) and local(value).shape == mask.shape:
+                local(value).masked_fill_(~mask, 0)

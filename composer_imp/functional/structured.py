@@ -28,10 +28,21 @@ global ranking would empty the group of slightly smaller weights (ResNet-20's la
 any other. Exactly ``round(fraction * alive)``
 units are pruned (of all groups, or of each group), smallest first, ties in group and index order, except that every
 group keeps its most important alive unit: no layer is ever emptied, and the count is capped accordingly.
+
+Rounding (``round_to``). With ``round_to=r > 1``, after the units to prune are chosen, every channel group keeps a
+multiple of ``r`` channels (kernels work in blocks of channels, 16 floats with AVX-512, so a count just past a multiple
+costs about what the next multiple does; measured in benchmarks/README.md): its kept count is rounded *up* to the next
+multiple of ``r``, capped at the group's size and at its alive count, by sparing the highest-ranked of the units chosen
+in it. So rounding never prunes more than asked (the total
+pruned falls short of ``round(fraction * alive)`` by the spared units), never revives a unit pruned at an earlier level
+(a group whose alive count is not a multiple of ``r`` keeps at most what is alive) and masks stay nested. A group whose
+share of the pruning rounds back to its alive count loses nothing at that level. Attention heads are units already:
+``round_to`` applies to channel groups only, head groups are pruned as with ``round_to=1``.
 """
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -232,8 +243,18 @@ def _kill_units(masks: dict[str, torch.Tensor], group: ChannelGroup, units: torc
             masks[member.weight] = mask.index_fill(member.dim, index.to(mask.device), False)
 
 
+def _rounded_pruned(group: ChannelGroup, pruned: torch.Tensor, alive_count: int, round_to: int) -> torch.Tensor:
+    """The units of ``pruned`` (smallest importance first) still pruned once the group's kept channel count is rounded
+    up to a multiple of ``round_to``, capped at its size and at its ``alive_count``; heads are never rounded."""
+    if round_to == 1 or group.head_size is not None or not len(pruned):
+        return pruned
+    kept = alive_count - len(pruned)
+    rounded = min(-(-kept // round_to) * round_to, group.units, alive_count)
+    return pruned[:len(pruned) - (rounded - kept)]
+
+
 def structured_masks(model: nn.Module, example_inputs: Any, fraction: float, masks: Mapping[str, torch.Tensor],
-                     scope: str = 'global') -> dict[str, torch.Tensor]:
+                     scope: str = 'global', round_to: int = 1) -> dict[str, torch.Tensor]:
     """Prune ``fraction`` of the alive channel units of ``model`` by group magnitude; return new, nested masks.
 
     Args:
@@ -242,6 +263,9 @@ def structured_masks(model: nn.Module, example_inputs: Any, fraction: float, mas
         fraction: fraction of the *remaining* units (channels, heads) to prune, in [0, 1).
         masks: the current masks, one per prunable weight (``prunable_weights``); weights not in it stay whole.
         scope: ``'global'`` ranks all groups' units together, ``'layerwise'`` prunes ``fraction`` of each group.
+        round_to: every channel group keeps a multiple of ``round_to`` channels (or all it has alive, or its whole
+            size): the kept count is rounded up by sparing its highest-ranked chosen units (see the module doc).
+            Attention heads are not rounded. ``1``: no rounding.
 
     Returns masks of the same keys and shapes on the weights' devices; a unit counts as alive while any of its entries
     is.
@@ -250,6 +274,10 @@ def structured_masks(model: nn.Module, example_inputs: Any, fraction: float, mas
         raise ValueError(f'fraction: {fraction} is not allowed; use a fraction of the remaining channels in [0, 1)')
     if scope not in STRUCTURED_SCOPES:
         raise ValueError(f'scope: {scope!r} is not allowed with structured pruning; use one of {STRUCTURED_SCOPES}')
+    if not isinstance(round_to, numbers.Integral) or isinstance(round_to, bool) or round_to < 1:
+        raise ValueError(f'round_to: {round_to!r} is not allowed; use an integer >= 1 (every channel group keeps a '
+                         'multiple of it; 1 does not round)')
+    round_to = int(round_to)
     groups = channel_groups(model, example_inputs, masks)
     weights = dict(model.named_parameters())
     new_masks = {name: mask.to(device=weights[name].device, dtype=torch.bool, copy=True) for name, mask in masks.items()}
@@ -274,11 +302,14 @@ def structured_masks(model: nn.Module, example_inputs: Any, fraction: float, mas
         order = torch.sort(torch.cat([scores for _, _, scores in candidates]), stable=True).indices
         chosen = order[:round(fraction * total_alive)]
         for index, _, _ in candidates:
-            _kill_units(new_masks, groups[index], unit_ids[chosen][group_ids[chosen] == index])
+            pruned = unit_ids[chosen][group_ids[chosen] == index]  # smallest first: a prefix of the sorted order
+            _kill_units(new_masks, groups[index],
+                        _rounded_pruned(groups[index], pruned, int(scored[index][1].sum()), round_to))
     else:
         for index, units, scores in candidates:
-            count = round(fraction * int(scored[index][1].sum()))
-            _kill_units(new_masks, groups[index], units[torch.sort(scores, stable=True).indices[:count]])
+            alive_count = int(scored[index][1].sum())
+            pruned = units[torch.sort(scores, stable=True).indices[:round(fraction * alive_count)]]
+            _kill_units(new_masks, groups[index], _rounded_pruned(groups[index], pruned, alive_count, round_to))
     return new_masks
 
 

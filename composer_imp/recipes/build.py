@@ -496,6 +496,9 @@ def build_trainer(recipe: Any, *, overrides: Sequence[str] = (), model: Any = No
     if save:
         kwargs.update({key: recipe[key] for key in ('save_interval', 'save_num_checkpoints_to_keep', 'save_overwrite')
                        if recipe.get(key) is not None})
+    if recipe.get('fsdp') is not None:
+        from composer.utils.parallelism import FSDP2Config
+        kwargs['parallelism_config'] = {'fsdp': FSDP2Config(**recipe['fsdp'])}
     try:
         return Trainer(**kwargs)
     except RecipeError:

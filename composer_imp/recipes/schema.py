@@ -153,6 +153,26 @@ def _interval(path: str, value: Any) -> None:
     _time(path, value, positive=True)
 
 
+# Composer's FSDP2Config attributes a recipe can set (its device_mesh is built by Composer from the world size).
+FSDP_KEYS: dict[str, tuple[Callable[[str, Any], None], str]] = {
+    'reshard_after_forward': (_BOOL, 'free the gathered weights after each forward (default true)'),
+    'state_dict_type': (_choice(('sharded', 'full')), "checkpoints sharded per rank (default) or whole on rank 0"),
+    'mixed_precision': (_choice(('DEFAULT', 'PURE', 'FULL')), "FSDP2's mixed precision policy"),
+    'activation_checkpointing': (_BOOL, 'recompute activations in backward'),
+    'activation_cpu_offload': (_BOOL, 'keep activations in host memory'),
+    'load_monolith_rank0_only': (_BOOL, 'load a full checkpoint on rank 0 only'),
+    'verbose': (_BOOL, 'log the sharded model'),
+}
+
+
+def _fsdp(path: str, value: Any) -> None:
+    """``fsdp: {}`` (FSDP2 with Composer's defaults) or a mapping of ``FSDP_KEYS``."""
+    value = _mapping(path, value, "a mapping of FSDP2 settings ({} for the defaults)")
+    _unknown(path, value, FSDP_KEYS)
+    for key, item in value.items():
+        FSDP_KEYS[key][0](f'{path}.{key}', item)
+
+
 TOP_LEVEL_KEYS: dict[str, tuple[Callable[[str, Any], None], str]] = {
     'model': (lambda p, v: None, "{name, num_classes, ...model kwargs}"),  # checked by _check_model
     'train_loader': (lambda p, v: None, '{name, batch_size, ...} (see LOADER_KEYS)'),
@@ -177,6 +197,7 @@ TOP_LEVEL_KEYS: dict[str, tuple[Callable[[str, Any], None], str]] = {
     'load_weights_only': (_BOOL, 'load only the model weights from load_path'),
     'precision': (_opt(_choice(PRECISIONS)), 'numerical precision (CPU: fp32)'),
     'device': (_opt(_choice(DEVICES)), 'device (default: gpu if available, else cpu)'),
+    'fsdp': (_fsdp, "shard weights with Composer's FSDP2 (launch with composer -n N): {} or FSDP2Config settings"),
     'device_train_microbatch_size': (_opt(_microbatch), "samples per microbatch or 'auto'"),
     'eval_interval': (_interval, "evaluation interval, e.g. '1ep' or 1 (epochs)"),
     'eval_subset_num_batches': (_of(lambda v: _is_int(v) and (v >= 1 or v == -1), 'an integer >= 1 or -1'),

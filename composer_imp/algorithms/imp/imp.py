@@ -35,13 +35,11 @@ from composer_imp.algorithms.imp.replay import (
     rewound_components,
     shift_logger_steps,
 )
+from composer_imp.algorithms.imp.shard_files import file_shards, read_shard
 from composer_imp.algorithms.imp.sparsity_step import FixedStep, SparsityStep
 from composer_imp.evaluation import level_eval_metrics, preserve_rng, trainer_eval_round, unwrap_model
 from composer_imp.functional import (
-    alive_count,
     coverage_warning,
-    density,
-    layer_densities,
     masks_at_density,
     prunable_weights,
     rewind,
@@ -49,10 +47,12 @@ from composer_imp.functional import (
     snapshot,
     snapshot_optimizer,
 )
+from composer_imp.functional.distributed import sharded_masks_at_density
 from composer_imp.functional.flops import TRAIN_FLOPS_PER_MAC, layer_macs, sparse_macs
 from composer_imp.functional.masks import SCOPES
 from composer_imp.functional.structured import STRUCTURED_SCOPES, channel_groups, example_batch, structured_masks
 from composer_imp.functional.rewind import OFFLOAD, stored_copy
+from composer_imp.functional.shards import full_state, global_sum, is_sharded, local, local_parameters
 from composer_imp.functional.ticket import (
     LEVELS_FILE,
     MANIFEST_FILE,
@@ -73,8 +73,8 @@ from composer_imp.functional.ticket import (
 __all__ = ['IMP']
 
 _EVENTS = (Event.INIT, Event.AFTER_LOAD, Event.FIT_START, Event.EPOCH_START, Event.BEFORE_DATALOADER,
-           Event.AFTER_DATALOADER, Event.BATCH_START, Event.BATCH_END, Event.EVAL_AFTER_ALL, Event.BATCH_CHECKPOINT,
-           Event.EPOCH_CHECKPOINT)
+           Event.AFTER_DATALOADER, Event.BATCH_START, Event.AFTER_BACKWARD, Event.BATCH_END, Event.EVAL_AFTER_ALL,
+           Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT)
 
 STRUCTURES = ('weights', 'channels')
 
@@ -83,6 +83,8 @@ LevelEndHook = Callable[[State, Logger, dict], Optional[dict]]
 # The large copies IMP writes once into its folder and refers to from checkpoints: attribute -> what it holds.
 _FILED = {'_rewind_point': 'rewind point', '_previous_level_state': "parent level's trained state",
           '_rewind_optimizers': 'optimizer state at the rewind step'}
+# Under FSDP2 the masks differ by rank too, so they are filed per rank (``shard_files``) instead of checkpointed.
+_MASKS_FILED = {'_masks': 'masks', '_previous_masks': "parent level's masks"}
 
 
 class IMP(Algorithm):
@@ -114,10 +116,18 @@ class IMP(Algorithm):
             ``export_ticket`` gives a physically smaller network. With ``'channels'``, ``prune_fraction`` (and the
             adaptive step's choice) is a fraction of the *remaining channels and heads*, ``scope`` is ``'global'`` or
             ``'layerwise'`` (per group), and the model is traced on the first batch, before any training step.
+        round_to: with ``structure='channels'``, every channel group keeps a multiple of this many channels (rounded
+            up, never reviving one; attention heads are not rounded), so the exported layers fit the kernels' vector
+            widths (8 or 16). Default 1: no rounding.
         offload: where the copies needed only at level transitions live while a level trains -- the rewind point, the
             parent level's trained state and masks, the rewound components' and optimizers' state, and the LMC
             evaluator's and adaptive step's probe models: ``'cpu'`` (default: host memory, pinned when CUDA is
             available, streamed to the device at a transition) or ``'device'`` (beside the model).
+
+    Under FSDP2 (``parallelism_config={'fsdp': FSDP2Config(...)}``) every rank keeps the masks, the rewind point and
+    the parent level's state of its own shards (``composer_imp.functional.shards``), the global threshold is a
+    distributed selection over the shards (``functional.distributed``), and the checkpoint refers to per-rank files
+    (``shard_files``); ``masks``, ``ticket()`` and ``previous_level_state`` are then this rank's shards.
     """
 
     def __init__(
@@ -135,6 +145,7 @@ class IMP(Algorithm):
         sparsity_step: Optional[SparsityStep] = None,
         offload: str = 'cpu',
         structure: str = 'weights',
+        round_to: int = 1,
     ):
         if (levels is None) == (target_density is None):
             raise ValueError('levels, target_density: give exactly one of them (a number of pruned levels, or the '
@@ -153,6 +164,12 @@ class IMP(Algorithm):
         if scope not in (SCOPES if structure == 'weights' else STRUCTURED_SCOPES):
             raise ValueError(f'scope: {scope!r} is not allowed with structure={structure!r}; use one of '
                              f'{SCOPES if structure == "weights" else STRUCTURED_SCOPES}')
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f'round_to: {round_to!r} is not allowed; use an integer >= 1 (channels per group rounded '
+                             'up to a multiple of it)')
+        if round_to > 1 and structure != 'channels':
+            raise ValueError(f"round_to: {round_to} applies to structure='channels' only; structure={structure!r} "
+                             'prunes single weights')
         if offload not in OFFLOAD:
             raise ValueError(f'offload: {offload!r} is not allowed; use one of {OFFLOAD}')
         if not isinstance(rewind_to, (str, Time)):
@@ -183,6 +200,7 @@ class IMP(Algorithm):
         self.folder = folder
         self.offload = offload
         self.structure = structure
+        self.round_to = round_to
         self._example_inputs: Optional[tuple] = None  # channels: a CPU slice of the first batch, to trace the model
         self.sparsity_step = sparsity_step if sparsity_step is not None else FixedStep(prune_fraction)
         self._rewind_time = rewind_time
@@ -208,7 +226,9 @@ class IMP(Algorithm):
         self._history: list[dict[str, Any]] = []
         self._done = False
         self._macs: Optional[dict[str, Any]] = None  # dense MACs per sample: {'dense': float, 'weights': {name: float}}
-        self._files: dict[str, dict[str, Any]] = {}  # attribute of _FILED -> file_reference of its copy on disk
+        self._files: dict[str, Any] = {}  # attribute of _FILED -> file_reference of its copy (FSDP2: every rank's)
+        self._sharded = False  # parameters are DTensors (FSDP2): IMP's tensors are this rank's shards
+        self._counts: dict[str, tuple[int, int]] = {}  # name -> (alive, numel) over all ranks, at each mask change
 
         self._last_eval: tuple[Optional[Timestamp], dict[str, Any]] = (None, {})  # the step and its eval round
         self._masked_params: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
@@ -235,8 +255,21 @@ class IMP(Algorithm):
 
     @property
     def density(self) -> float:
-        """Fraction of prunable weights alive in the current level."""
-        return density(self._masks) if self._masks else 1.0
+        """Fraction of prunable weights alive in the current level (over all ranks)."""
+        total = sum(numel for _, numel in self._counts.values())
+        return sum(alive for alive, _ in self._counts.values()) / total if total else 1.0
+
+    def layer_densities(self) -> dict[str, float]:
+        """Fraction alive of each prunable tensor (over all ranks)."""
+        return {name: alive / numel if numel else 1.0 for name, (alive, numel) in self._counts.items()}
+
+    def _count_masks(self) -> None:
+        """Alive and total counts per tensor, after every change of the masks (an all-reduce under FSDP2, so that the
+        counts read later need no collective)."""
+        masks = list(self._masks.values())
+        counts = global_sum([int(torch.count_nonzero(m)) for m in masks] + [m.numel() for m in masks], self._sharded)
+        self._counts = {name: (int(alive), int(numel))
+                        for name, alive, numel in zip(self._masks, counts[:len(masks)], counts[len(masks):])}
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -292,7 +325,7 @@ class IMP(Algorithm):
         """Estimated FLOPs of training ``samples`` examples at the current (or given) layer densities."""
         if not self._macs:
             return None
-        density_by_layer = layer_densities(self._masks) if layer_density is None else layer_density
+        density_by_layer = self.layer_densities() if layer_density is None else layer_density
         return TRAIN_FLOPS_PER_MAC * samples * sparse_macs(self._macs['dense'], self._macs['weights'], density_by_layer)
 
     @property
@@ -316,7 +349,7 @@ class IMP(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            _refuse_parallelism(state)
+            _refuse_parallelism(state, self)
             # First on every event (last on AFTER_* ones, which Composer runs in reverse): masks are enforced before
             # EMA averages, a transition sees the trained weights before EMA swaps its own in for a checkpoint.
             state.algorithms.remove(self)
@@ -330,6 +363,8 @@ class IMP(Algorithm):
             self._start(state, logger)
             self._check_fit_duration(state)
             self._resolve_folder(state)
+            if self._sharded and '_masks' not in self._files:
+                self._file_masks()
             self._loader_replay = DataloaderReplay(state.train_dataloader) if self._restarts_loader(state) else None
             if self._loader_replay is not None:
                 state.train_dataloader.__dict__['_imp_epoch_len'] = int(state.dataloader_len)
@@ -351,6 +386,9 @@ class IMP(Algorithm):
         elif event == Event.BATCH_START:
             if not self._done and self._level_over(state):  # resumed from a checkpoint written before a transition
                 self._end_level(state, logger, mid_epoch=True)
+        elif event == Event.AFTER_BACKWARD:
+            if self._sharded and self.mask_gradients and self._level > 0:
+                self._mask_sharded_gradients(state)
         elif event == Event.BATCH_END:
             self._check_finite(state, loss=True)
             if self._level > 0:
@@ -384,10 +422,11 @@ class IMP(Algorithm):
             'offsets': dict(self._offsets),
             'level_start_wct': self._level_start_wct,
             'nominal_density': self._nominal_density,
-            'masks': None if self._masks is None else pack_masks(self._masks),
+            'masks': None if self._masks is None or '_masks' in self._files else pack_masks(self._masks),
             'rewind_run': self._rewind_run,
             'rewind_components': None if self._rewind_components is None else self._rewind_components.state_dict(),
-            'previous_masks': None if self._previous_masks is None else pack_masks(self._previous_masks),
+            'previous_masks': (None if self._previous_masks is None or '_previous_masks' in self._files else
+                               pack_masks(self._previous_masks)),
             # A file IMP wrote is referred to; without one (ranks other than 0, before fit()) the tensors go along.
             **{attribute[1:]: None if attribute in self._files else getattr(self, attribute) for attribute in _FILED},
             'files': dict(self._files),
@@ -426,23 +465,36 @@ class IMP(Algorithm):
     def _setup_masks(self, state: State) -> None:
         """Build all-ones masks over the prunable weights, or check stored masks against the model (AFTER_LOAD)."""
         model = unwrap_model(state)
+        self._sharded = is_sharded(model)
         weights = prunable_weights(model, self.ignore, embeddings=self.embeddings)
+        if self._sharded:
+            _check_shard_layout(weights)
+        self._read_files(state)
         if self._masks is None:
             warning = coverage_warning(model, weights)
             if warning:
                 warnings.warn(warning)
-            self._masks = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
+            if self._sharded and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                                     for m in model.modules()):
+                warnings.warn('IMP under FSDP2: FSDP2 does not synchronise buffers, so each rank keeps its own '
+                              "BatchNorm running statistics; IMP's rewind point and level files hold rank 0's, and a "
+                              "sharded checkpoint keeps only rank 0's. Use SyncBatchNorm, a norm without running "
+                              'statistics, or DDP for identical ranks')
+            self._masks = {name: torch.ones_like(local(w), dtype=torch.bool) for name, w in weights.items()}
+            self._count_masks()
             return
+        weights = {name: local(w) for name, w in weights.items()}
         if set(self._masks) != set(weights):
             raise ValueError(f'checkpoint: IMP masks are for parameters {sorted(self._masks)}, but the model prunes '
                              f'{sorted(weights)}; resume with the same model and IMP(ignore=..., embeddings=...)')
         for name, w in weights.items():
             if self._masks[name].shape != w.shape:
                 raise ValueError(f'checkpoint: IMP mask {name!r} has shape {tuple(self._masks[name].shape)}, the model '
-                                 f'weight {tuple(w.shape)}; resume with the same model')
+                                 f'weight {tuple(w.shape)}' + (' on this rank' if self._sharded else '') +
+                                 '; resume with the same model' + (' and world size' if self._sharded else ''))
         device = next(iter(weights.values())).device
         self._masks = {n: m.to(device=device, dtype=torch.bool) for n, m in self._masks.items()}
-        self._read_files(state)
+        self._count_masks()
         for attribute in (*_FILED, '_previous_masks'):
             stored = getattr(self, attribute)
             if stored is not None:
@@ -456,10 +508,18 @@ class IMP(Algorithm):
 
     def _read_files(self, state: State) -> None:
         """Read the files a checkpoint refers to (rank 0 reads and checks them; the other ranks receive them, so a
-        node without IMP's folder resumes too), and keep referring to them."""
+        node without IMP's folder resumes too), and keep referring to them. Under FSDP2 each rank reads its own."""
         if not self._unread_files:
             return
         self._resolve_folder(state)
+        sharded = {attribute: references for attribute, references in self._unread_files.items()
+                   if isinstance(references, list)}
+        for attribute, references in sharded.items():
+            value, _ = read_shard(self._resolved_folder, references, {**_FILED, **_MASKS_FILED}[attribute])
+            setattr(self, attribute, _masks_from_checkpoint(value) if attribute in _MASKS_FILED else value)
+            self._files[attribute] = self._unread_files.pop(attribute)
+        if not self._unread_files:
+            return
         loaded: Any = None
         if dist.get_global_rank() == 0:
             try:
@@ -473,7 +533,7 @@ class IMP(Algorithm):
             loaded = box[0]
         if isinstance(loaded, str):
             raise ValueError(loaded)
-        references, self._unread_files, self._files = self._unread_files, {}, {}
+        references, self._unread_files = self._unread_files, {}
         for attribute, (value, folder) in loaded.items():
             setattr(self, attribute, value)
             if dist.get_global_rank() != 0:
@@ -606,7 +666,7 @@ class IMP(Algorithm):
         0/1 copy of the masks in the parameter's dtype is kept (pruned entries become exactly 0: their gradients are
         zeroed before the step, so no optimizer can move them by a non-finite amount)."""
         if self._masked_params is None:
-            params = dict(unwrap_model(state).named_parameters())
+            params = local_parameters(unwrap_model(state))
             pruned = [name for name, mask in self._masks.items() if not mask.all()]
             self._masked_params = ([params[n] for n in pruned], [self._masks[n] for n in pruned])
         return self._masked_params
@@ -617,9 +677,20 @@ class IMP(Algorithm):
         for handle in self._gradient_hooks:
             handle.remove()
         self._gradient_hooks = []
-        if self.mask_gradients and self._level > 0:
+        # FSDP2 sets the sharded parameters' gradients itself after backward, past any tensor hook: AFTER_BACKWARD
+        if self.mask_gradients and self._level > 0 and not self._sharded:
             for param, mask in zip(*self._masked_pairs(state)):
                 self._gradient_hooks.append(param.register_hook(functools.partial(torch.mul, other=mask)))
+
+    @torch.no_grad()
+    def _mask_sharded_gradients(self, state: State) -> None:
+        """Under FSDP2, zero the pruned weights' gradient shards after each microbatch's backward (the gradients are
+        reduce-scattered by then; masking is linear, so accumulation over microbatches keeps the zeros)."""
+        params = dict(unwrap_model(state).named_parameters())
+        pairs = [(local(params[name].grad), mask) for name, mask in self._masks.items()
+                 if params[name].grad is not None and not mask.all()]
+        if pairs:
+            torch._foreach_mul_(*map(list, zip(*pairs)))
 
     # ------------------------------------------------------------------ non-finite values (finite.py)
     def _check_finite(self, state: State, loss: bool = False, tensors: Optional[dict[str, Any]] = None) -> None:
@@ -631,7 +702,9 @@ class IMP(Algorithm):
             bad_losses = non_finite_losses(state.total_loss_dict)
             what = f'the training loss is not finite ({bad_losses})' if bad_losses else None
         else:
-            bad_tensors = non_finite_tensors(tensors or {})
+            bad_tensors = non_finite_tensors({name: local(t) for name, t in (tensors or {}).items()})
+            if self._sharded:  # every rank raises, or none
+                bad_tensors = sorted(set().union(*dist.all_gather_object(bad_tensors)))
             shown = bad_tensors[:5] + ([f'... {len(bad_tensors) - 5} more'] if len(bad_tensors) > 5 else [])
             what = f'weights or buffers hold NaN or inf ({shown})' if bad_tensors else None
         if what is not None:
@@ -644,8 +717,10 @@ class IMP(Algorithm):
         schedulers, the trainable layout and every other component's state."""
         model = unwrap_model(state)
         rewind_point = snapshot(model)
-        for tensor in rewind_point.values():
-            dist.broadcast(tensor, src=0)
+        model_state = model.state_dict()
+        for name, tensor in rewind_point.items():
+            if local(model_state[name]) is model_state[name]:  # not a shard: the same on every rank
+                dist.broadcast(tensor, src=0)
         self._check_finite(state, tensors=rewind_point)
         device = self._device()
         self._rewind_point = self._stored(rewind_point, device)
@@ -663,12 +738,39 @@ class IMP(Algorithm):
         if self.rewind_optimizer:
             self._rewind_optimizers = [[_plain(snapshot_optimizer(inner, self.offload))
                                         for inner in inner_optimizers(opt)] for opt in state.optimizers]
-        if self._resolved_folder is not None and dist.get_global_rank() == 0:
+        if self._resolved_folder is not None and self._sharded:
+            self._file_sharded_rewind_point(model)
+        elif self._resolved_folder is not None and dist.get_global_rank() == 0:
             save_rewind_point(self._resolved_folder, self._rewind_point, self._plan['rewind_batch'])
             self._files['_rewind_point'] = file_reference(self._resolved_folder, REWIND_POINT_FILE, 'state_dict')
             if self._rewind_optimizers is not None:
                 atomic_save(self._rewind_optimizers, os.path.join(self._resolved_folder, REWIND_OPTIMIZERS_FILE))
                 self._files['_rewind_optimizers'] = file_reference(self._resolved_folder, REWIND_OPTIMIZERS_FILE)
+
+    def _file_sharded_rewind_point(self, model: torch.nn.Module) -> None:
+        """FSDP2: rank 0 writes the whole rewind point (the ticket's file, gathered one tensor at a time); every rank
+        files its shards of it and of the optimizer state at step k for the checkpoints."""
+        whole = full_state(self._rewind_point, model.state_dict(), keep=dist.get_global_rank() == 0)
+        if whole is not None:
+            save_rewind_point(self._resolved_folder, whole, self._plan['rewind_batch'])
+        del whole
+        self._files['_rewind_point'] = file_shards(self._resolved_folder, REWIND_POINT_FILE,
+                                                   {'state_dict': self._rewind_point}, key='state_dict')
+        if self._rewind_optimizers is not None:
+            self._files['_rewind_optimizers'] = file_shards(self._resolved_folder, REWIND_OPTIMIZERS_FILE,
+                                                            self._rewind_optimizers)
+
+    def _file_masks(self, tag: str = '') -> None:
+        """FSDP2: every rank files its shards of the masks (and the parent level's) at each change, for checkpoints.
+        Each change gets its own file (``tag`` tells the last level's accepted state apart from its start), so the
+        files earlier checkpoints refer to stay as they were."""
+        if self._resolved_folder is None:
+            return
+        packed = {'masks': pack_masks(self._masks),
+                  'previous_masks': None if self._previous_masks is None else pack_masks(self._previous_masks)}
+        references = file_shards(self._resolved_folder, f'masks-level{self._level}.{self._attempt}{tag}.pt', packed)
+        for attribute, key in (('_masks', 'masks'), ('_previous_masks', 'previous_masks')):
+            self._files[attribute] = [dict(reference, key=key) for reference in references]
 
     def _device(self) -> torch.device:
         """The training device: where the masks (and the prunable weights) are."""
@@ -696,7 +798,7 @@ class IMP(Algorithm):
             'level': self._level,
             'density': self.density,
             'nominal_density': self._nominal_density,
-            'layer_density': layer_densities(self._masks),
+            'layer_density': self.layer_densities(),
             'eval': self._level_eval(state),
             'steps': int(now.batch) - start['batch'],
             'samples': samples,
@@ -730,6 +832,8 @@ class IMP(Algorithm):
             self._previous_nominal_density = self._nominal_density
             if record['final']:
                 self._done = True
+                if self._sharded:
+                    self._file_masks(tag='-accepted')
                 if self._pending_transition:  # the resumed run's extra batch of budget must not be trained
                     state.max_duration = self._schedule
                 return
@@ -742,13 +846,16 @@ class IMP(Algorithm):
         fraction = self.sparsity_step.fraction(state, self, logger)
         self._nominal_density = self._previous_nominal_density * (1.0 - fraction)
         masks = self._next_masks(model, fraction)
-        for name in masks:
+        for name in masks if not self._sharded else ():
             as_bytes = masks[name].to(torch.uint8)
             dist.broadcast(as_bytes, src=0)  # one mask for all ranks, whatever ties or kernels did
             masks[name] = as_bytes.bool()
         self._masks = masks
+        self._count_masks()
         self._masked_params = None
         self._level, self._attempt = next_level, attempt
+        if self._sharded:
+            self._file_masks()
         self._pending_transition = False
         self._level_start_wct = now.total_wct.total_seconds()
         self._rewind(state, logger, mid_epoch)
@@ -757,6 +864,10 @@ class IMP(Algorithm):
         """Checkpoints refer to the level's ``trained.pt`` (just written, equal to the parent state now kept) by the
         SHA-256 its manifest recorded; where rank 0 wrote no file, the tensors go into the checkpoint."""
         self._files.pop('_previous_level_state', None)
+        if self._sharded and self._resolved_folder is not None:
+            self._files['_previous_level_state'] = file_shards(self._resolved_folder, f'trained-level{level}.pt',
+                                                               self._previous_level_state)
+            return
         if dist.get_global_rank() != 0 or self._resolved_folder is None:
             return
         relative = os.path.relpath(os.path.join(level_dir(self._resolved_folder, level), 'trained.pt'),
@@ -768,20 +879,29 @@ class IMP(Algorithm):
     def _next_masks(self, model: torch.nn.Module, fraction: float) -> dict[str, torch.Tensor]:
         """The next level's masks: the nominal density's count of weights, or ``fraction`` of the remaining channels."""
         if self.structure == 'channels':
-            return structured_masks(model, self._example_inputs, fraction, self._previous_masks, self.scope)
-        return masks_at_density(prunable_weights(model, self.ignore, embeddings=self.embeddings),
-                                self._nominal_density, self._previous_masks, self.scope)
+            return structured_masks(model, self._example_inputs, fraction, self._previous_masks, self.scope,
+                                    round_to=self.round_to)
+        weights = prunable_weights(model, self.ignore, embeddings=self.embeddings)
+        if not self._sharded:
+            return masks_at_density(weights, self._nominal_density, self._previous_masks, self.scope)
+        # FSDP2: the selection over every rank's shards, equal to masks_at_density over the whole tensors
+        shards = {name: local(w) for name, w in weights.items()}
+        if self.scope == 'global':
+            return sharded_masks_at_density(shards, self._nominal_density, self._previous_masks, layout='tensor-major')
+        return {name: sharded_masks_at_density({name: shard}, self._nominal_density,
+                                               {name: self._previous_masks[name]}, layout='tensor-major')[name]
+                for name, shard in shards.items()}
 
     def _finished(self) -> bool:
         if self.sparsity_step.finished(self):
             return True
         if self.levels is not None:
             return self._level >= self.levels
-        sizes = [m.numel() for m in self._masks.values()]
+        sizes = [numel for _, numel in self._counts.values()]
         # Layerwise masks round per tensor, so their target count is the sum of per-tensor counts.
         keep_at_target = (sum(round(self.target_density * n) for n in sizes) if self.scope == 'layerwise' else
                           round(self.target_density * sum(sizes)))
-        return alive_count(self._masks) <= keep_at_target
+        return sum(alive for alive, _ in self._counts.values()) <= keep_at_target
 
     def _rewind(self, state: State, logger: Logger, mid_epoch: bool) -> None:
         """The whole run back to step k under the new mask (``replay.py``)."""
@@ -831,17 +951,24 @@ class IMP(Algorithm):
         logger.log_metrics({k: float(v) for k, v in metrics.items()})
 
     def _write_level(self, record: dict[str, Any], model: torch.nn.Module, accepted: bool, logger: Logger) -> None:
-        if dist.get_global_rank() != 0 or self._resolved_folder is None:
+        if self._resolved_folder is None:
+            return
+        masks, trained = self._masks, model.state_dict()
+        if self._sharded and accepted:  # the level's files hold whole tensors, gathered one at a time onto rank 0
+            rank_zero = dist.get_global_rank() == 0
+            masks = full_state(masks, dict(model.named_parameters()), keep=rank_zero)
+            trained = full_state({name: local(t) for name, t in trained.items()}, trained, keep=rank_zero)
+        if dist.get_global_rank() != 0:
             return
         os.makedirs(self._resolved_folder, exist_ok=True)
         files = [os.path.join(self._resolved_folder, LEVELS_FILE)]
         if accepted:  # every file atomically; the level's manifest last, after levels.jsonl holds its line
-            path = save_level(self._resolved_folder, record['level'], self._masks, model.state_dict(), manifest=False)
+            path = save_level(self._resolved_folder, record['level'], masks, trained, manifest=False)
             files += [os.path.join(path, 'mask.pt'), os.path.join(path, 'trained.pt')]
         # Rewritten whole from the checkpointed history, so a resumed run never duplicates a line.
         write_levels(self._resolved_folder, self._history)
         if accepted:
-            files.append(write_manifest(self._resolved_folder, record['level'], density(self._masks), record,
+            files.append(write_manifest(self._resolved_folder, record['level'], self.density, record,
                                         len(self._history) - 1))
         root = os.path.dirname(os.path.normpath(self._resolved_folder))
         for file_path in files:
@@ -852,15 +979,42 @@ _COUNTERS = ('iteration', 'epoch', 'batch', 'sample', 'token', 'epoch_in_iterati
              'batch_in_epoch', 'sample_in_epoch', 'token_in_epoch')
 
 
-def _refuse_parallelism(state: State) -> None:
-    """IMP masks and rewinds whole, unsharded parameters: refuse FSDP and tensor parallelism before they wrap the
-    model (Event.INIT comes before Composer shards it)."""
-    unsupported = [name for name, config in (('fsdp', state.fsdp_config), ('tp', getattr(state, 'tp_config', None)))
-                   if config is not None]
+def _refuse_parallelism(state: State, imp: IMP) -> None:
+    """At Event.INIT, before Composer shards the model: IMP runs on one device, under DDP or under FSDP2; refuse the
+    rest in one line."""
+    from composer.utils.parallelism import FSDP2Config
+    if getattr(state, 'tp_config', None) is not None:
+        raise ValueError("parallelism_config: 'tp' (tensor parallelism) is not supported by IMP; use DDP "
+                         "(parallelism_config=None) or FSDP2 (parallelism_config={'fsdp': FSDP2Config(...)})")
+    config = state.fsdp_config
+    if config is None:
+        return
+    if not isinstance(config, FSDP2Config):
+        raise ValueError("parallelism_config: 'fsdp' with FSDP1 (FSDPConfig) is not supported by IMP, whose masks "
+                         "follow each parameter's shard; use FSDP2: parallelism_config={'fsdp': FSDP2Config(...)} or "
+                         'the environment variable FSDP_VERSION=2')
+    # Each of these reads whole tensors: torch-pruning traces the unsharded model, LAMP sorts every tensor, the
+    # adaptive step searches on probe copies of the whole network.
+    unsupported = ([f'structure={imp.structure!r}'] if imp.structure != 'weights' else []) + \
+        ([f'scope={imp.scope!r}'] if imp.scope == 'lamp' else []) + \
+        ([f'sparsity_step={type(imp.sparsity_step).__name__}'] if not isinstance(imp.sparsity_step, FixedStep) else [])
     if unsupported:
-        raise ValueError(f'parallelism_config: {unsupported} is not supported by IMP, which runs on one device or '
-                         'under DDP (parallelism_config=None); the sharded global threshold exists as '
-                         'composer_imp.functional.distributed.sharded_masks_at_density')
+        raise ValueError(f"parallelism_config: IMP under FSDP2 supports structure='weights', scope 'global' or "
+                         f"'layerwise' and a fixed prune_fraction; {', '.join(unsupported)} needs DDP "
+                         '(parallelism_config=None)')
+
+
+def _check_shard_layout(weights: dict[str, torch.Tensor]) -> None:
+    """FSDP2 with a 1-D mesh over all ranks and row shards: the layout the sharded threshold assumes."""
+    from torch.distributed.tensor import DTensor, Shard
+    for name, weight in weights.items():
+        if not isinstance(weight, DTensor):
+            continue
+        mesh, placements = weight.device_mesh, tuple(weight.placements)
+        if mesh.ndim != 1 or mesh.size() != dist.get_world_size() or placements != (Shard(0),):
+            raise ValueError(f'parallelism_config: IMP under FSDP2 needs every weight sharded by rows over all '
+                             f'{dist.get_world_size()} ranks (a 1-D mesh, Shard(0)); {name!r} is {placements} over a '
+                             f'mesh of shape {tuple(mesh.shape)} (HSDP is not supported)')
 
 
 def _masks_from_checkpoint(stored: Optional[dict[str, Any]]) -> Optional[dict[str, torch.Tensor]]:

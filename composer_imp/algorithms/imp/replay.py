@@ -394,6 +394,32 @@ def prefix_checkpoint_names(state: State, originals: dict[int, tuple], prefix: s
         for path, filename in zip(paths, original):
             head, _, tail = filename.rpartition('/')
             path.filename = f'{head}/{prefix}{tail}' if head else f'{prefix}{tail}'
+    if state.fsdp_config is not None:
+        _prefix_sharded_folders(state.fsdp_config, prefix)
+
+
+_PREFIXED_CONFIGS: dict[type, type] = {}
+
+
+def _prefix_sharded_folders(config: Any, prefix: str) -> None:
+    """A sharded checkpoint (FSDP, ``state_dict_type='sharded'``) is a folder named by the FSDP config's
+    ``sharded_ckpt_prefix_dir``, not by the saver's file name; ``FSDP2Config`` makes it a constant
+    (``'ep{epoch}-ba{batch}'``), so each level would overwrite the folders of the levels before it. The config's class
+    is swapped for a subclass whose folder name carries the level prefix (nothing else about the config changes)."""
+    if not isinstance(getattr(type(config), 'sharded_ckpt_prefix_dir', None), property):
+        return  # FSDP1's FSDPConfig, which IMP refuses at INIT
+    base = type(config).__mro__[1] if getattr(type(config), '_imp_prefixed', False) else type(config)
+    if base not in _PREFIXED_CONFIGS:
+        original = base.sharded_ckpt_prefix_dir
+
+        def sharded_ckpt_prefix_dir(self) -> str:
+            return self.__dict__.get('_imp_checkpoint_prefix', '') + original.fget(self)
+
+        _PREFIXED_CONFIGS[base] = type(base.__name__, (base,), {
+            '_imp_prefixed': True, 'sharded_ckpt_prefix_dir': property(sharded_ckpt_prefix_dir),
+            '__module__': base.__module__, '__qualname__': base.__qualname__})
+    config.__class__ = _PREFIXED_CONFIGS[base]
+    config.__dict__['_imp_checkpoint_prefix'] = prefix
 
 
 # ---------------------------------------------------------------------------------------------------- data replay

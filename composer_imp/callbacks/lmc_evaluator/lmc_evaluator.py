@@ -33,7 +33,8 @@ from composer_imp.evaluation import (
 )
 from composer_imp.functional import alpha_grid, apply_masks, is_matching, metric_curve, recompute_batchnorm
 from composer_imp.functional.barrier import BN_MODES
-from composer_imp.functional.rewind import move_module_
+from composer_imp.functional.rewind import move_module_, rewind, snapshot
+from composer_imp.functional.shards import is_sharded
 
 __all__ = ['LMCEvaluator']
 
@@ -153,7 +154,8 @@ class LMCEvaluator(Callback):
         headline = self._resolved_values(state)[0].name
         result: dict[str, Any] = {'lmc/metric': headline}
         if parent is not None and record['level'] > 0:
-            current = model.state_dict()
+            # under FSDP2 the path is walked on the training model itself (see barrier): its endpoint is a copy
+            current = snapshot(model) if is_sharded(model) else model.state_dict()
             curve = self.barrier(state, parent, current)
             result.update(self._report('lmc/', curve))
             # A NaN barrier (a non-finite value on the path) is undefined: neither connected nor not.
@@ -215,13 +217,25 @@ class LMCEvaluator(Callback):
         every rank. Returns :func:`~composer_imp.functional.metric_curve`'s mapping (``alphas``, ``values``,
         ``barrier_linear``, ``barrier_max_minus_mean``, keyed by value) plus ``metric``, the headline value's name.
         The run's own model, data order and RNG are left untouched.
+
+        Under FSDP2 (sharded parameters; the states hold this rank's shards) there is no probe: a copy of a sharded
+        model is not a working model (its FSDP hooks and meshes are the original's), so the points are written into
+        the training model's own shards, evaluated by all ranks together, and the model's state is put back exactly.
         """
         model = unwrap_model(state)
+        recalibrate = self._recompute_batchnorm(state) if self.bn == 'recompute' else None
+        if is_sharded(model):
+            trained = snapshot(model)
+            try:
+                curve = metric_curve(model, state_a, state_b, self.alphas, self._scorer(state, on_train_subset),
+                                     recalibrate)
+            finally:
+                rewind(model, trained)
+            return {'metric': self._resolved_values(state)[0].name, **curve}
         if self._probe is None:
             self._probe = copy.deepcopy(model)  # one probe for the whole run, rewritten at every point
         # The probe lives where IMP keeps its transition-only copies (IMP(offload=...), host memory by default).
         move_module_(self._probe, next(model.parameters()).device)
-        recalibrate = self._recompute_batchnorm(state) if self.bn == 'recompute' else None
         try:
             curve = metric_curve(self._probe, state_a, state_b, self.alphas, self._scorer(state, on_train_subset),
                                  recalibrate)
