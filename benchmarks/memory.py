@@ -150,6 +150,13 @@ class Probe(Callback):
             self.during_level.append(self.host.device_bytes(state))
 
 
+def _sampler(data):
+    """Each rank's part of the synthetic data (Composer refuses loaders without one under several ranks)."""
+    from composer.utils import dist
+
+    return dist.get_sampler(data, shuffle=False)
+
+
 def _resnet50():
     from composer.models import ComposerClassifier
     from torchvision.models import resnet50
@@ -158,7 +165,8 @@ def _resnet50():
     model = ComposerClassifier(resnet50(weights=None, num_classes=10), num_classes=10)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(8, 3, 64, 64, generator=g), torch.randint(0, 10, (8,), generator=g))
-    return model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4), 4
+    return model, DataLoader(data, batch_size=4, sampler=_sampler(data)), DataLoader(data, batch_size=4,
+                                                                             sampler=_sampler(data)), 4
 
 
 def _gpt2():
@@ -172,7 +180,8 @@ def _gpt2():
     tokens = torch.randint(0, 50257, (4, 32), generator=g)
     # labels cloned: Composer's eval shifts them in place
     batches = [{'input_ids': tokens[i:i + 2], 'labels': tokens[i:i + 2].clone()} for i in (0, 2)]
-    return model, DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None), 2
+    return (model, DataLoader(batches, batch_size=None, sampler=_sampler(batches)),
+            DataLoader(batches, batch_size=None, sampler=_sampler(batches)), 2)
 
 
 def _size(path: str) -> int:

@@ -170,6 +170,17 @@ def refusals(tmp_path_factory):
                 errors[label] = 'constructed'
             except Exception as error:
                 errors[label] = f'{{type(error).__name__}}: {{error}}'
+        # HSDP: weights replicated over one mesh dimension and sharded over the other (a 1 x 1 mesh here)
+        import torch
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+        from composer_imp.algorithms.imp.imp import _check_shard_layout
+        weight = distribute_tensor(torch.ones(4, 4), init_device_mesh('cpu', (1, 1)), [Replicate(), Shard(0)])
+        try:
+            _check_shard_layout({{'fc.weight': weight}})
+            errors['hsdp'] = 'accepted'
+        except Exception as error:
+            errors['hsdp'] = f'{{type(error).__name__}}: {{error}}'
         print(json.dumps(errors))
     """))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
@@ -182,6 +193,14 @@ def test_what_imp_cannot_serve_is_refused_at_trainer_construction(label, refusal
     kind, _, message = refusals[label].partition(': ')
     assert kind == 'ValueError', refusals[label]
     assert re.search(REFUSED[label][2], message) and '\n' not in message, message
+
+
+def test_a_weight_not_sharded_by_rows_over_all_ranks_is_refused(refusals):
+    kind, _, message = refusals['hsdp'].partition(': ')
+    assert kind == 'ValueError', refusals['hsdp']
+    assert re.match(r"parallelism_config: IMP under FSDP2 needs every weight sharded by rows over all 1 ranks .*"
+                    r"'fc.weight' is \(Replicate\(\), Shard\(dim=0\)\) over a mesh of shape \(1, 1\) \(HSDP is not "
+                    r'supported\)$', message), message
 
 
 def test_tensor_parallelism_is_refused_at_init():

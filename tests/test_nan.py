@@ -99,7 +99,7 @@ def test_the_lmc_evaluator_reports_connected_and_matching_as_undefined_for_a_nan
     for own, connected, matching in ((nan, None, None), (0.1, None, True)):
         curve = {'metric': 'error', 'alphas': [0.0, 0.5, 1.0], 'values': {'error': [nan, nan, own]},
                  'barrier_linear': {'error': nan}, 'barrier_max_minus_mean': {'error': nan}}
-        monkeypatch.setattr(evaluator, 'barrier', lambda *args, curve=curve, **kw: curve)
+        monkeypatch.setattr(evaluator, '_barrier', lambda *args, curve=curve, **kw: curve)
         result = evaluator._level_end(None, None, {'level': 1})
         assert math.isnan(result['lmc/barrier'])
         assert result['lmc/connected'] is connected and result['imp/matching'] is matching

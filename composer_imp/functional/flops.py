@@ -27,8 +27,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from composer_imp.functional.shards import reshard
-
 __all__ = ['TRAIN_FLOPS_PER_MAC', 'FORWARD_FLOPS_PER_MAC', 'first_tensor', 'layer_macs', 'sparse_macs']
 
 TRAIN_FLOPS_PER_MAC = 6.0
@@ -98,7 +96,6 @@ def _torch_pruning_macs(model: nn.Module, example_inputs: Any) -> tuple[float, d
         _, _, per_module, _ = op_counter.count_ops_and_params(model, example_inputs, layer_wise=True)
     finally:
         op_counter.CUSTOM_MODULES_MAPPING = {}
-        reshard(model)  # FSDP2 leaves the root unit's weights gathered after a forward: give back the parameters
     counted_types = set(op_counter.MODULES_MAPPING) | set(subclass_hooks)
     units = dict.fromkeys(_counted_units(model, counted_types))
     return float(per_module.get(model) or 0.0), {unit: float(per_module.get(unit) or 0.0) for unit in units}

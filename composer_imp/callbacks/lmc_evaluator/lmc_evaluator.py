@@ -33,7 +33,7 @@ from composer_imp.evaluation import (
 )
 from composer_imp.functional import alpha_grid, apply_masks, is_matching, metric_curve, recompute_batchnorm
 from composer_imp.functional.barrier import BN_MODES
-from composer_imp.functional.rewind import move_module_, rewind, snapshot
+from composer_imp.functional.rewind import move_module_, rewind, snapshot, stored_copy
 from composer_imp.functional.shards import is_sharded
 
 __all__ = ['LMCEvaluator']
@@ -153,10 +153,13 @@ class LMCEvaluator(Callback):
         parent = self._imp.previous_level_state if self._imp is not None else None
         headline = self._resolved_values(state)[0].name
         result: dict[str, Any] = {'lmc/metric': headline}
+        # Under FSDP2 the path is walked on the training model itself (see barrier): its trained state is copied once
+        # (where IMP keeps its transition-only copies), as the path's endpoint and what the model is given back.
+        trained = (stored_copy(model.state_dict(), getattr(self._imp, 'offload', 'cpu'))
+                   if is_sharded(model) and record['level'] > 0 else None)
         if parent is not None and record['level'] > 0:
-            # under FSDP2 the path is walked on the training model itself (see barrier): its endpoint is a copy
-            current = snapshot(model) if is_sharded(model) else model.state_dict()
-            curve = self.barrier(state, parent, current)
+            current = model.state_dict() if trained is None else trained
+            curve = self._barrier(state, parent, current, trained=trained)
             result.update(self._report('lmc/', curve))
             # A NaN barrier (a non-finite value on the path) is undefined: neither connected nor not.
             result['lmc/connected'] = (None if math.isnan(result['lmc/barrier']) else
@@ -165,11 +168,11 @@ class LMCEvaluator(Callback):
             own = ({name: values[-1] for name, values in curve['values'].items()} if self.bn == 'interpolate' else
                    self._scorer(state)(model))
             if self.train_subset_batches:
-                result.update(self._report('lmc/train/', self.barrier(state, parent, current, on_train_subset=True)))
+                result.update(self._report('lmc/train/', self._barrier(state, parent, current, True, trained)))
         else:
             own = self._scorer(state)(model)
         if self.rewind_barrier and record['level'] > 0 and self._imp.parent_masks is not None:
-            result.update(self._rewind_point_barriers(state))
+            result.update(self._rewind_point_barriers(state, trained))
         result.update({f'lmc/{name}': value for name, value in own.items()})
         if record['level'] == 0:
             self.dense_value = own[headline]
@@ -179,16 +182,18 @@ class LMCEvaluator(Callback):
                                       else None)
         return result
 
-    def _rewind_point_barriers(self, state: State) -> dict[str, Any]:
+    def _rewind_point_barriers(self, state: State,
+                               trained: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, Any]:
         """The path from the parent level's pruned rewind point to this level's, m_parent ⊙ w_k -> m_L ⊙ w_k."""
         ticket, device = self._imp.ticket(), next(unwrap_model(state).parameters()).device
         parent = {name: tensor.to(device) for name, tensor in ticket['rewind_point'].items()}
         level = {name: tensor.clone() for name, tensor in parent.items()}
         apply_masks(parent, {name: mask.to(device) for name, mask in self._imp.parent_masks.items()})
         apply_masks(level, {name: mask.to(device) for name, mask in ticket['masks'].items()})
-        report = self._report('lmc/', self.barrier(state, parent, level), 'rewind_barrier', 'rewind_curve')
+        report = self._report('lmc/', self._barrier(state, parent, level, trained=trained), 'rewind_barrier',
+                              'rewind_curve')
         if self.train_subset_batches:
-            report.update(self._report('lmc/train/', self.barrier(state, parent, level, on_train_subset=True),
+            report.update(self._report('lmc/train/', self._barrier(state, parent, level, True, trained),
                                        'rewind_barrier', 'rewind_curve'))
         return report
 
@@ -222,10 +227,16 @@ class LMCEvaluator(Callback):
         model is not a working model (its FSDP hooks and meshes are the original's), so the points are written into
         the training model's own shards, evaluated by all ranks together, and the model's state is put back exactly.
         """
+        return self._barrier(state, state_a, state_b, on_train_subset)
+
+    def _barrier(self, state: State, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
+                 on_train_subset: bool = False, trained: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, Any]:
+        """:meth:`barrier`; under FSDP2, ``trained`` (this rank's shards of the model's state, if already copied) is
+        what the model is given back."""
         model = unwrap_model(state)
         recalibrate = self._recompute_batchnorm(state) if self.bn == 'recompute' else None
         if is_sharded(model):
-            trained = snapshot(model)
+            trained = snapshot(model) if trained is None else trained
             try:
                 curve = metric_curve(model, state_a, state_b, self.alphas, self._scorer(state, on_train_subset),
                                      recalibrate)
