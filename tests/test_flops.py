@@ -1,5 +1,5 @@
 """FLOPs accounting (``composer_imp.functional.flops``): batches of any structure, sequence length, weights found by
-tensor identity, and the parameter-count fallback."""
+tensor identity, torch's FLOP counter where torch-pruning cannot count, and the parameter-count fallback."""
 import threading
 
 import pytest
@@ -115,25 +115,55 @@ class FunctionalLM(nn.Module):
         return F.linear(F.embedding(batch['input_ids'], self.embed), self.proj)
 
 
-def test_layers_torch_pruning_does_not_count_fall_back_to_one_mac_per_parameter_and_token():
+def test_layers_torch_pruning_does_not_count_are_counted_by_torchs_flop_counter():
     gpt2_like = TinyLM(nn.Sequential(Conv1D(2 * D, D), nn.GELU(), Conv1D(D, 2 * D)))
     macs = macs_of(gpt2_like, token_batch())
-    assert macs['method'] == 'parameter-count' and 'counted none' in macs['fallback_reason']
-    assert macs['dense'] == S * sum(p.numel() for p in gpt2_like.parameters())
+    assert macs['method'] == 'torch-flop-counter' and 'torch-pruning counted none' in macs['fallback_reason']
     assert macs['weights'] == {'block.0.weight': S * D * 2 * D, 'block.2.weight': S * 2 * D * D}
+    assert macs['dense'] == S * 4 * D * D  # the matrix multiplies; the embedding lookup costs nothing here
 
-    model = FunctionalLM()
+    model = FunctionalLM()  # the weight is applied by F.linear in the model's own forward
     macs = layer_macs(model, (token_batch(),), ['proj'])
-    assert macs['method'] == 'parameter-count' and macs['weights'] == {'proj': S * D * D}
-    assert macs['dense'] == S * (VOCAB * D + D * D) and macs['dense_per_token'] == VOCAB * D + D * D
+    assert macs['method'] == 'torch-flop-counter' and macs['weights'] == {'proj': S * D * D}
+    assert macs['dense'] == S * D * D and macs['dense_per_token'] == D * D
 
 
-def test_a_forward_torch_pruning_cannot_run_falls_back_and_says_why():
-    model = FunctionalLM()
-    model.lock = threading.Lock()  # torch-pruning deep-copies the model; a lock cannot be copied
-    macs = layer_macs(model, (token_batch(),), ['proj'])
-    assert macs['method'] == 'parameter-count' and macs['fallback_reason'].startswith('torch-pruning failed (TypeError')
-    assert macs['dense'] == S * (VOCAB * D + D * D)
+def test_a_model_torch_pruning_cannot_copy_is_counted_in_place_and_left_as_it_was():
+    """torch-pruning deep-copies the model (FSDP2 forbids it; a lock cannot be copied): torch's counter runs on the
+    model itself, in eval mode without gradients, and gives every flag back."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                        nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 64, 10))
+    net.lock = threading.Lock()
+    net[3].eval()  # one submodule's own flag, which must survive
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    macs = layer_macs(net, (torch.randn(4, 1, 8, 8),), ['0.weight', '4.weight', '6.weight'])
+    assert macs['method'] == 'torch-flop-counter' and macs['fallback_reason'].startswith('torch-pruning failed (TypeError')
+    # per sample: output positions x (input channels x kernel size) for the convs, in x out for the linear layer
+    assert macs['weights'] == {'0.weight': 8 * 64 * 1 * 9, '4.weight': 16 * 64 * 8 * 9, '6.weight': 16 * 64 * 10}
+    assert macs['dense'] == sum(macs['weights'].values())
+    assert net.training and not net[3].training and all(m.training for i, m in enumerate(net) if i != 3)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # BatchNorm statistics untouched
+
+
+class ElementwiseOnly(nn.Module):
+    """A 2-D weight used element-wise: no counter sees a multiply-accumulate."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(B, S))
+
+    def forward(self, batch):
+        return batch['input_ids'].float() * self.scale
+
+
+def test_when_no_counter_counts_a_prunable_layer_one_mac_per_parameter_and_token_is_the_estimate():
+    model = ElementwiseOnly()
+    macs = layer_macs(model, (token_batch(),), ['scale'])
+    assert macs['method'] == 'parameter-count'
+    assert macs['fallback_reason'] == ('torch-pruning counted none of the prunable layers; torch-flop-counter counted '
+                                       'none of the prunable layers')
+    assert macs['weights'] == {'scale': S * B * S} and macs['dense'] == S * B * S
 
 
 def test_a_batch_without_tensors_raises_one_line_naming_the_argument():

@@ -71,6 +71,10 @@ def test_sharded_levels_prune_exactly_the_single_process_masks(reference):
         assert all(torch.equal(held['masks'][name], _rows(final_masks[name], rank)) for name in final_masks)
         assert held['density'] == ranks[0]['density']
         assert all(torch.equal(held['full_params'][name], ranks[0]['full_params'][name]) for name in held['full_params'])
+    # torch-pruning cannot copy a sharded model: torch's FLOP counter counts the convolutions and the linear layer
+    dense_macs = 7 * 64 * 1 * 9 + 13 * 64 * 7 * 9 + 52 * 10  # per 8x8 sample
+    level0 = _records(reference)[0]
+    assert level0['flops_method'] == 'torch-flop-counter' and level0['flops'] == 6 * level0['samples'] * dense_macs
     assert [r['density'] for r in _records(reference)] == [
         sum(int(m.sum()) for m in _level(reference, level)[0].values()) /
         sum(m.numel() for m in _level(reference, level)[0].values()) for level in range(LEVELS + 1)]

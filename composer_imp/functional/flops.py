@@ -1,6 +1,6 @@
 """Compute accounting: multiply-accumulates per sample of a network whose layers are partly pruned. Pure torch.
 
-``layer_macs`` measures dense MACs per sample on one example batch, with one of two methods, named in its result:
+``layer_macs`` measures dense MACs per sample on one example batch, with one of three methods, named in its result:
 
 - ``'torch-pruning'``: torch-pruning's ``count_ops_and_params`` counts the calls of the layers it knows (conv,
   linear, norms, ``nn.MultiheadAttention``, RNNs; subclasses and parametrized versions of them count as their base
@@ -8,9 +8,15 @@
   among the prunable weights inside it by element count (``nn.MultiheadAttention``'s input and output projections
   3:1). Functional ops (attention products written as matmuls, a tied LM head applied with ``F.linear``) are not
   counted.
-- ``'parameter-count'``, when torch-pruning fails or counts none of the prunable layers (e.g. transformers'
-  ``Conv1D``): one MAC per parameter per token, the usual ``2N`` FLOPs per token of a transformer forward pass. Wrong
-  for a conv net, whose kernels are applied at every position, hence only a fallback.
+- ``'torch-flop-counter'``, when torch-pruning fails or counts none of the prunable layers (transformers' ``Conv1D``,
+  functional ``F.linear``; a model under FSDP2, which torch-pruning's deep copy of the model cannot copy): torch's
+  own ``torch.utils.flop_counter.FlopCounterMode`` counts the matrix multiplies and convolutions of one forward pass
+  of the model itself (in eval mode, without gradients, train flags given back), per module; each module that holds
+  prunable weights directly counts as one unit (its children's ops included), shared as above. Element-wise ops,
+  norms and embedding lookups cost nothing in this count.
+- ``'parameter-count'``, when neither counts any prunable layer: one MAC per parameter per token, the usual ``2N``
+  FLOPs per token of a transformer forward pass. Wrong for a conv net, whose kernels are applied at every position,
+  hence only the last fallback.
 
 Per sample means per first-dimension entry of the first tensor in the batch (depth first through tuples, lists and
 any ``Mapping``, e.g. ``transformers.BatchEncoding``); for a language model a sample is a sequence. When that tensor
@@ -26,6 +32,9 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from composer_imp.functional.interpolate import training_mode
+from composer_imp.functional.shards import reshard
 
 __all__ = ['TRAIN_FLOPS_PER_MAC', 'FORWARD_FLOPS_PER_MAC', 'first_tensor', 'layer_macs', 'sparse_macs']
 
@@ -51,9 +60,10 @@ def layer_macs(model: nn.Module, example_inputs: Any, weight_names: Iterable[str
     """Dense MACs per sample of ``model(*example_inputs)`` (``model(**example_inputs)`` for a dict), in all and per
     weight named in ``weight_names`` (names of ``model.named_parameters()``).
 
-    Returns ``{'dense': float, 'weights': {name: float}, 'method': 'torch-pruning' | 'parameter-count',
-    'sequence_length': int | None, 'dense_per_token': float | None}``, plus ``'fallback_reason'`` for the
-    parameter count. Raises ``ValueError`` when ``example_inputs`` holds no tensor.
+    Returns ``{'dense': float, 'weights': {name: float}, 'method': 'torch-pruning' | 'torch-flop-counter' |
+    'parameter-count', 'sequence_length': int | None, 'dense_per_token': float | None}``, plus ``'fallback_reason'``
+    (why the counters before it did not count) for a fallback. Raises ``ValueError`` when ``example_inputs`` holds no
+    tensor.
     """
     first = first_tensor(example_inputs)
     if first is None or first.ndim == 0:
@@ -62,15 +72,24 @@ def layer_macs(model: nn.Module, example_inputs: Any, weight_names: Iterable[str
     sequence_length = int(first.shape[1]) if first.ndim == 2 and first.dtype in TOKEN_ID_DTYPES else None
     parameters = dict(model.named_parameters())
     weights = {name: parameters[name] for name in weight_names}
-    try:
-        dense, units = _torch_pruning_macs(model, example_inputs)
-        per_weight = _weight_shares(weights, units)
-        reason = None if sum(per_weight.values()) > 0 else 'torch-pruning counted none of the prunable layers'
-    except Exception as error:  # a forward torch-pruning cannot run must not stop training
-        reason = f'torch-pruning failed ({type(error).__name__}: {error})'
-    if reason is None:
+    reasons = []
+    for method, count in (('torch-pruning', _torch_pruning_macs), ('torch-flop-counter', _flop_counter_macs)):
+        try:
+            dense, units = count(model, example_inputs)
+            per_weight = _weight_shares(weights, units)
+            if sum(per_weight.values()) > 0:
+                break
+            reasons.append(f'{method} counted none of the prunable layers')
+        except Exception as error:  # a forward a counter cannot run must not stop training
+            reasons.append(f'{method} failed ({type(error).__name__}: {error})')
+    else:
+        method = None
+    reason = '; '.join(reasons) or None
+    if method is not None:
         result = {'dense': dense / batch_size, 'weights': {n: m / batch_size for n, m in per_weight.items()},
-                  'method': 'torch-pruning'}
+                  'method': method}
+        if reason:
+            result['fallback_reason'] = reason
     else:
         tokens = sequence_length or 1
         result = {'dense': float(sum(p.numel() for p in model.parameters()) * tokens),
@@ -99,6 +118,28 @@ def _torch_pruning_macs(model: nn.Module, example_inputs: Any) -> tuple[float, d
     counted_types = set(op_counter.MODULES_MAPPING) | set(subclass_hooks)
     units = dict.fromkeys(_counted_units(model, counted_types))
     return float(per_module.get(model) or 0.0), {unit: float(per_module.get(unit) or 0.0) for unit in units}
+
+
+def _flop_counter_macs(model: nn.Module, example_inputs: Any) -> tuple[float, dict[nn.Module, float]]:
+    """torch's FLOP counter on ``model`` itself (no copy): dense MACs for the whole batch, in all and per module holding
+    prunable candidates (parameters of 2+ dimensions) directly, top-most first."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with training_mode(model, False), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            else:
+                model(*example_inputs)
+    finally:
+        reshard(model)  # FSDP2 leaves the root unit's weights gathered after a forward: give back the parameters
+    counts = counter.get_flop_counts()  # keyed 'Global' and '<root class>.<module path>', FLOPs = 2 per MAC
+    root = type(model).__name__
+    macs = {module: sum(counts.get(f'{root}.{name}' if name else root, {}).values()) / 2
+            for name, module in model.named_modules()}
+    owners = [module for module in model.modules() if any(p.dim() >= 2 for p in module.parameters(recurse=False))]
+    inside = {id(m) for owner in owners for m in owner.modules() if m is not owner}
+    return sum(counts.get('Global', {}).values()) / 2, {m: macs[m] for m in owners if id(m) not in inside}
 
 
 def _counted_units(module: nn.Module, counted_types: set[type]) -> list[nn.Module]:

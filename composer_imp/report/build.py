@@ -44,8 +44,10 @@ DEFAULT_BARRIER_THRESHOLD = 0.02  # the LMC evaluator's default: 2 percentage po
 
 _FLOPS_METHODS = {
     'torch-pruning': "counted per layer by torch-pruning's count_ops_and_params",
-    'parameter-count': 'estimated from parameter counts (one MAC per weight and token): torch-pruning could not '
-                       'count this model',
+    'torch-flop-counter': "counted by torch.utils.flop_counter (matrix multiplies and convolutions): torch-pruning "
+                          'could not count this model',
+    'parameter-count': 'estimated from parameter counts (one MAC per weight and token): neither torch-pruning nor '
+                       "torch's FLOP counter could count this model",
 }
 
 

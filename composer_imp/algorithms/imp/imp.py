@@ -656,7 +656,10 @@ class IMP(Algorithm):
             warnings.warn(f'IMP: could not count MACs ({error}); FLOPs will not be reported')
             self._macs = {}
             return
-        if self._macs['method'] != 'torch-pruning':
+        if self._macs['method'] == 'torch-flop-counter':
+            warnings.warn(f"IMP: {self._macs['fallback_reason']}; MACs are counted by torch.utils.flop_counter "
+                          '(matrix multiplies and convolutions only)')
+        elif self._macs['method'] != 'torch-pruning':
             warnings.warn(f"IMP: {self._macs['fallback_reason']}; FLOPs are estimated as one multiply-accumulate per "
                           'parameter and token')
 
