@@ -46,7 +46,7 @@ def write_text_run_inputs(folder) -> list[str]:
             f'variables.run_folder={folder}/run']
 
 
-def check_level_records(history: list[dict]) -> None:
+def check_level_records(history: list[dict], flops_method: str = 'torch-pruning') -> None:
     """Steps T + L(T - k), barriers of loss and token error per pruned level, FLOPs per level falling with density."""
     assert [r['level'] for r in history] == list(range(LEVELS + 1)) and all(r['accepted'] for r in history)
     steps = [r['steps'] for r in history]
@@ -60,7 +60,7 @@ def check_level_records(history: list[dict]) -> None:
         assert 0 < record['lmc/error'] < 1 and len(record['lmc/curve']['error']) == 5
     flops_per_sample = [r['flops'] / r['samples'] for r in history]
     assert all(f > 0 for f in flops_per_sample) and flops_per_sample == sorted(flops_per_sample, reverse=True)
-    assert {r['flops_method'] for r in history} == {'torch-pruning'}
+    assert {r['flops_method'] for r in history} == {flops_method}
 
 
 def test_train_from_yaml_runs_imp_and_the_lmc_evaluator_on_a_tiny_mpt(streaming_env):
@@ -100,6 +100,27 @@ def test_two_ranks_hold_identical_masks_weights_and_verdicts(streaming_env):
     assert [[r.get(k) for k in verdicts] for r in rank0['history']] == [[r.get(k) for k in verdicts]
                                                                          for r in rank1['history']]
     assert all(torch.count_nonzero(rank0['params'][n][~m]) == 0 for n, m in rank0['masks'].items())
+
+
+def test_llmfoundrys_fsdp2_shards_imps_masks_and_prunes_exactly_the_single_process_masks(streaming_env, monkeypatch):
+    """llm-foundry's own fsdp_config, as FSDP2 (FSDP_VERSION=2), 2 ranks: each rank holds its rows of every mask, the
+    level files hold the whole masks, which are the single-process masks of the trained weights. The recipe's LAMP
+    scope sorts whole tensors and is refused under FSDP2, so this run prunes globally."""
+    monkeypatch.setenv('FSDP_VERSION', '2')
+    launch('llmfoundry_ddp_worker.py', str(streaming_env), RECIPE, *write_text_run_inputs(streaming_env),
+           'fsdp_config={}', 'algorithms.imp.scope=global')
+    ranks = [torch.load(streaming_env / f'rank{r}.pt', weights_only=False) for r in range(2)]
+    check_level_records(ranks[0]['history'], flops_method='torch-flop-counter')  # torch-pruning cannot copy FSDP2
+    assert sorted(os.listdir(streaming_env / 'run' / 'imp' / 'shards')) == ['rank0-of-2', 'rank1-of-2']
+    levels = [torch.load(streaming_env / 'run' / 'imp' / f'level_{level}' / name)
+              for level in range(LEVELS + 1) for name in ('mask.pt', 'trained.pt')]
+    masks, trained = [m['masks'] for m in levels[0::2]], levels[1::2]
+    for rank, held in enumerate(ranks):
+        assert all(torch.equal(mask, torch.chunk(masks[-1][name], 2)[rank]) for name, mask in held['masks'].items())
+    for level in range(LEVELS):
+        expected = masks_at_density({n: trained[level][n] for n in masks[level]}, 0.7 ** (level + 1), masks[level])
+        assert all(torch.equal(masks[level + 1][n], expected[n]) for n in expected)
+        assert all(torch.count_nonzero(trained[level + 1][n][~m]) == 0 for n, m in masks[level + 1].items())
 
 
 def test_lamp_keeps_mpts_down_scaled_output_projections_where_global_magnitude_empties_them():
