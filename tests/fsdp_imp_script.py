@@ -1,6 +1,7 @@
 """Run by tests/test_fsdp.py under `composer -n 2`: IMP with the LMC evaluator under Composer's FSDP2 (gloo on CPU),
 checkpointing every 3 batches with autoresume; each rank saves what it holds. Arguments: the output folder, then
-optionally ``exit=L,B`` to end every rank abruptly (``os._exit``) after batch B of level L, as a killed job would."""
+optionally ``exit=L,B`` to end every rank abruptly (``os._exit``) after batch B of level L, as a killed job would, and
+``nolmc`` to run without the LMC evaluator."""
 import os
 import sys
 
@@ -19,6 +20,7 @@ from composer_imp.functional.shards import local, reshard
 from helpers import digits_loader
 
 out = sys.argv[1]
+with_lmc = 'nolmc' not in sys.argv[2:]
 exit_at = next((tuple(int(v) for v in arg[5:].split(',')) for arg in sys.argv[2:] if arg.startswith('exit=')), None)
 
 
@@ -53,7 +55,7 @@ starts = LevelStarts(imp)
 trainer = Trainer(model=model, train_dataloader=digits_loader(image=True, batch_size=32),
                   eval_dataloader=digits_loader('test', image=True, n=396), max_duration='8ba',
                   optimizers=torch.optim.Adam(model.parameters(), lr=3e-3), schedulers=[CosineAnnealingScheduler()],
-                  algorithms=[imp], callbacks=[LMCEvaluator(alphas=5), starts], progress_bar=False, seed=3,
+                  algorithms=[imp], callbacks=[LMCEvaluator(alphas=5, rewind_barrier=True)] * with_lmc + [starts], progress_bar=False, seed=3,
                   device='cpu', parallelism_config={'fsdp': FSDP2Config()}, save_folder=os.path.join(out, 'checkpoints'),
                   save_interval='3ba', autoresume=True, run_name='fsdp-imp')
 trainer.fit()

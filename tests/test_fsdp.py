@@ -118,6 +118,21 @@ def test_the_lmc_barrier_on_the_sharded_model_equals_the_single_process_path(ref
         assert records[level]['lmc/barrier'] >= 0 and isinstance(records[level]['lmc/connected'], bool)
 
 
+def test_the_lmc_evaluator_leaves_the_sharded_run_as_it_would_be_without_it(reference, tmp_path):
+    """Its paths (levels, and pruned rewind points) are written into the training model's shards; the trained state
+    it puts back must be exactly the one it found."""
+    launch('fsdp_imp_script.py', str(tmp_path), 'nolmc')
+    with_lmc = _records(reference)
+    assert all('lmc/rewind_barrier' in record for record in with_lmc[1:])
+    assert _records(tmp_path) == [{k: v for k, v in record.items() if not k.startswith(('lmc/', 'imp/matching'))}
+                                  for record in with_lmc]
+    for level in range(LEVELS + 1):
+        for mine, theirs in zip(_level(tmp_path, level), _level(reference, level)):
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    for mine, theirs in zip(_ranks(tmp_path), _ranks(reference)):
+        assert all(torch.equal(mine['local_params'][n], theirs['local_params'][n]) for n in theirs['local_params'])
+
+
 @pytest.mark.parametrize('level, batch, latest', [(1, 7, 'level1-ep0-ba6'), (2, 4, 'level2-ep0-ba3')])
 def test_a_killed_sharded_run_resumes_bit_identically(reference, tmp_path, level, batch, latest):
     """Killed mid-level (resuming reads the level's masks, the parent state and the rewind point from every rank's

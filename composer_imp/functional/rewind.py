@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from composer_imp.functional.masks import apply_masks
 from composer_imp.functional.shards import local, local_state, sharded_like
@@ -121,9 +120,8 @@ def rewind_optimizer(optimizer: torch.optim.Optimizer, optimizer_snapshot: Mappi
     optimizer.load_state_dict(copy.deepcopy(dict(optimizer_snapshot)))
     for param, param_state in optimizer.state.items():
         for key, value in param_state.items():
-            if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and not isinstance(value, DTensor) \
-                    and value.shape == local(param).shape:
-                param_state[key] = sharded_like(value, param)
+            if isinstance(value, torch.Tensor) and local(value) is value and value.shape == local(param).shape:
+                param_state[key] = sharded_like(value, param)  # unchanged unless the parameter is sharded
     for param, mask in (masks_by_param or {}).items():
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, torch.Tensor) and local(value).shape == mask.shape:

@@ -57,12 +57,11 @@ def local_state(module: nn.Module) -> dict[str, Any]:
     return {name: local(t) for name, t in reshard(module).state_dict(keep_vars=True).items()}
 
 
-def global_sum(values: list[int] | list[float], sharded: bool, group=None) -> list:
-    """The element-wise sum of ``values`` over all ranks when ``sharded`` (one all-reduce), else ``values``."""
+def global_sum(counts: list[int], sharded: bool, group=None) -> list[int]:
+    """The element-wise sum of ``counts`` over all ranks when ``sharded`` (one all-reduce), else ``counts``."""
     if not sharded or not torch_dist.is_available() or not torch_dist.is_initialized():
-        return list(values)
-    dtype = torch.float64 if any(isinstance(v, float) for v in values) else torch.int64
-    total = torch.tensor(values, dtype=dtype)
+        return list(counts)
+    total = torch.tensor(counts, dtype=torch.int64)
     torch_dist.all_reduce(total, group=group)
     return total.tolist()
 

@@ -52,8 +52,8 @@ from torch import nn
 
 from composer_imp.functional.masks import apply_masks
 
-__all__ = ['STRUCTURED_SCOPES', 'ChannelGroup', 'Member', 'channel_groups', 'structured_masks', 'export_ticket',
-           'example_batch']
+__all__ = ['STRUCTURED_SCOPES', 'ChannelGroup', 'Member', 'channel_groups', 'check_round_to', 'structured_masks',
+           'export_ticket', 'example_batch']
 
 STRUCTURED_SCOPES = ('global', 'layerwise')
 HEAD_COUNT_ATTRIBUTES = ('num_attention_heads', 'num_heads')
@@ -243,6 +243,14 @@ def _kill_units(masks: dict[str, torch.Tensor], group: ChannelGroup, units: torc
             masks[member.weight] = mask.index_fill(member.dim, index.to(mask.device), False)
 
 
+def check_round_to(round_to: Any) -> int:
+    """``round_to`` as an int, or one ``ValueError`` naming it."""
+    if not isinstance(round_to, numbers.Integral) or isinstance(round_to, bool) or round_to < 1:
+        raise ValueError(f'round_to: {round_to!r} is not allowed; use an integer >= 1 (every channel group keeps a '
+                         'multiple of it; 1 does not round)')
+    return int(round_to)
+
+
 def _rounded_pruned(group: ChannelGroup, pruned: torch.Tensor, alive_count: int, round_to: int) -> torch.Tensor:
     """The units of ``pruned`` (smallest importance first) still pruned once the group's kept channel count is rounded
     up to a multiple of ``round_to``, capped at its size and at its ``alive_count``; heads are never rounded."""
@@ -274,10 +282,7 @@ def structured_masks(model: nn.Module, example_inputs: Any, fraction: float, mas
         raise ValueError(f'fraction: {fraction} is not allowed; use a fraction of the remaining channels in [0, 1)')
     if scope not in STRUCTURED_SCOPES:
         raise ValueError(f'scope: {scope!r} is not allowed with structured pruning; use one of {STRUCTURED_SCOPES}')
-    if not isinstance(round_to, numbers.Integral) or isinstance(round_to, bool) or round_to < 1:
-        raise ValueError(f'round_to: {round_to!r} is not allowed; use an integer >= 1 (every channel group keeps a '
-                         'multiple of it; 1 does not round)')
-    round_to = int(round_to)
+    round_to = check_round_to(round_to)
     groups = channel_groups(model, example_inputs, masks)
     weights = dict(model.named_parameters())
     new_masks = {name: mask.to(device=weights[name].device, dtype=torch.bool, copy=True) for name, mask in masks.items()}

@@ -50,9 +50,15 @@ from composer_imp.functional import (
 from composer_imp.functional.distributed import sharded_masks_at_density
 from composer_imp.functional.flops import TRAIN_FLOPS_PER_MAC, layer_macs, sparse_macs
 from composer_imp.functional.masks import SCOPES
-from composer_imp.functional.structured import STRUCTURED_SCOPES, channel_groups, example_batch, structured_masks
+from composer_imp.functional.structured import (
+    STRUCTURED_SCOPES,
+    channel_groups,
+    check_round_to,
+    example_batch,
+    structured_masks,
+)
 from composer_imp.functional.rewind import OFFLOAD, stored_copy
-from composer_imp.functional.shards import full_state, global_sum, is_sharded, local, local_parameters
+from composer_imp.functional.shards import full_state, global_sum, is_sharded, local
 from composer_imp.functional.ticket import (
     LEVELS_FILE,
     MANIFEST_FILE,
@@ -164,9 +170,7 @@ class IMP(Algorithm):
         if scope not in (SCOPES if structure == 'weights' else STRUCTURED_SCOPES):
             raise ValueError(f'scope: {scope!r} is not allowed with structure={structure!r}; use one of '
                              f'{SCOPES if structure == "weights" else STRUCTURED_SCOPES}')
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f'round_to: {round_to!r} is not allowed; use an integer >= 1 (channels per group rounded '
-                             'up to a multiple of it)')
+        round_to = check_round_to(round_to)
         if round_to > 1 and structure != 'channels':
             raise ValueError(f"round_to: {round_to} applies to structure='channels' only; structure={structure!r} "
                              'prunes single weights')
@@ -231,7 +235,8 @@ class IMP(Algorithm):
         self._counts: dict[str, tuple[int, int]] = {}  # name -> (alive, numel) over all ranks, at each mask change
 
         self._last_eval: tuple[Optional[Timestamp], dict[str, Any]] = (None, {})  # the step and its eval round
-        self._masked_params: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
+        # partly pruned parameters, their local views (FSDP2: this rank's shards) and masks; listed once per level
+        self._masked_params: Optional[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = None
         self._unread_files: dict[str, dict[str, Any]] = {}  # references loaded from a checkpoint, read at AFTER_LOAD
         self._parent_on_device: Optional[dict[str, torch.Tensor]] = None  # during a level end only
         self._gradient_hooks: list[Any] = []
@@ -392,10 +397,10 @@ class IMP(Algorithm):
         elif event == Event.BATCH_END:
             self._check_finite(state, loss=True)
             if self._level > 0:
-                params, masks = self._masked_pairs(state)
-                if params:
+                _, views, masks = self._masked_pairs(state)
+                if views:
                     with torch.no_grad():
-                        torch._foreach_mul_(params, masks)
+                        torch._foreach_mul_(views, masks)
         elif event == Event.EVAL_AFTER_ALL:
             self._last_eval = (state.timestamp, trainer_eval_round(state, self._last_eval[1]))
         elif event == Event.BATCH_CHECKPOINT:
@@ -663,15 +668,17 @@ class IMP(Algorithm):
             warnings.warn(f"IMP: {self._macs['fallback_reason']}; FLOPs are estimated as one multiply-accumulate per "
                           'parameter and token')
 
-    def _masked_pairs(self, state: State) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The partly pruned parameters and their bool masks, listed once per level: enforcing the masks is one
-        multi-tensor multiply by the bool masks per step, promoted to the parameter's dtype inside the kernel, so no
-        0/1 copy of the masks in the parameter's dtype is kept (pruned entries become exactly 0: their gradients are
-        zeroed before the step, so no optimizer can move them by a non-finite amount)."""
+    def _masked_pairs(self, state: State) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """The partly pruned parameters, their local views and their bool masks, listed once per level (one host sync
+        per mask, then none per step): enforcing the masks is one multi-tensor multiply of the views by the bool
+        masks per step, promoted to the parameter's dtype inside the kernel, so no 0/1 copy of the masks in the
+        parameter's dtype is kept (pruned entries become exactly 0: their gradients are zeroed before the step, so no
+        optimizer can move them by a non-finite amount)."""
         if self._masked_params is None:
-            params = local_parameters(unwrap_model(state))
+            params = dict(unwrap_model(state).named_parameters())
             pruned = [name for name, mask in self._masks.items() if not mask.all()]
-            self._masked_params = ([params[n] for n in pruned], [self._masks[n] for n in pruned])
+            self._masked_params = ([params[n] for n in pruned], [local(params[n]) for n in pruned],
+                                   [self._masks[n] for n in pruned])
         return self._masked_params
 
     def _install_gradient_masks(self, state: State) -> None:
@@ -682,16 +689,16 @@ class IMP(Algorithm):
         self._gradient_hooks = []
         # FSDP2 sets the sharded parameters' gradients itself after backward, past any tensor hook: AFTER_BACKWARD
         if self.mask_gradients and self._level > 0 and not self._sharded:
-            for param, mask in zip(*self._masked_pairs(state)):
+            params, _, masks = self._masked_pairs(state)
+            for param, mask in zip(params, masks):
                 self._gradient_hooks.append(param.register_hook(functools.partial(torch.mul, other=mask)))
 
     @torch.no_grad()
     def _mask_sharded_gradients(self, state: State) -> None:
         """Under FSDP2, zero the pruned weights' gradient shards after each microbatch's backward (the gradients are
         reduce-scattered by then; masking is linear, so accumulation over microbatches keeps the zeros)."""
-        params = dict(unwrap_model(state).named_parameters())
-        pairs = [(local(params[name].grad), mask) for name, mask in self._masks.items()
-                 if params[name].grad is not None and not mask.all()]
+        params, _, masks = self._masked_pairs(state)
+        pairs = [(local(param.grad), mask) for param, mask in zip(params, masks) if param.grad is not None]
         if pairs:
             torch._foreach_mul_(*map(list, zip(*pairs)))
 
